@@ -1,0 +1,48 @@
+# fastcap: the README's commands. `make install` is idempotent and fast the second time.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fastcap-installed
+DATA ?= data/shapes
+RUN ?= runs/shapes-tiny
+ARGS ?=
+
+.PHONY: install train test test-fast bench gpu-check lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned: pip takes them from this machine's disk (about a minute)
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+$(DATA)/dataset.json: | $(STAMP)
+	$(BIN)/fastcap-data shapes --out $(DATA)
+
+train: install $(DATA)/dataset.json
+	$(BIN)/fastcap-train --preset shapes-tiny --data shapes:$(DATA) --out $(RUN) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python -m pytest bench/ --benchmark-only -q
+
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py --out runs/gpu-check
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache .benchmarks

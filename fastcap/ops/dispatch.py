@@ -1,0 +1,154 @@
+"""The one place that reads ``FASTCAP_KERNELS`` and picks an implementation per op.
+
+Grammar (see DESIGN.md):
+
+* ``auto`` (default): Triton/CUDA for CUDA tensors, the PyTorch reference for CPU tensors.
+* ``ref`` | ``triton`` | ``cuda``: force that implementation for every op.
+* ``attention=ref,moe=triton``: per op; unlisted ops stay ``auto``. A bare choice may be mixed
+  in as the default for the rest: ``ref,moe=triton``.
+
+An explicit choice that cannot run raises (``ValueError`` for a name that does not exist,
+``RuntimeError`` for one that exists but cannot run here), always listing the valid choices.
+Only ``auto`` falls back, and it logs that once per (op, reason).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+
+log = logging.getLogger("fastcap.ops")
+
+ENV = "FASTCAP_KERNELS"
+CHOICES = ("auto", "ref", "triton", "cuda")
+
+# op -> implementation -> "module:function". The references never import Triton.
+IMPLS: dict[str, dict[str, str]] = {
+    "attention": {
+        "ref": "fastcap.ops.ref.attention:attention",
+        "triton": "fastcap.kernels.attention:attention",
+    },
+    "moe": {
+        "ref": "fastcap.ops.ref.moe:moe_ffn",
+        "triton": "fastcap.kernels.moe:moe_ffn",
+        "cuda": "fastcap.kernels.moe:moe_ffn_cuda",
+    },
+    "siglip": {
+        "ref": "fastcap.ops.ref.siglip:siglip_loss",
+        "triton": "fastcap.kernels.siglip:siglip_loss",
+    },
+    "lce": {
+        "ref": "fastcap.ops.ref.lce:linear_cross_entropy",
+        "triton": "fastcap.kernels.lce:linear_cross_entropy",
+    },
+}
+OPS = tuple(IMPLS)
+# What ``auto`` prefers on CUDA tensors, best first.
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    "attention": ("triton",),
+    "moe": ("cuda", "triton"),
+    "siglip": ("triton",),
+    "lce": ("triton",),
+}
+
+
+def parse(spec: str | None) -> dict[str, str]:
+    """Parse a ``FASTCAP_KERNELS`` string into {op: choice} for every op. Raises ValueError."""
+    spec = (spec or "auto").strip()
+    default = "auto"
+    per_op: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if "=" in part:
+            op, choice = (s.strip() for s in part.split("=", 1))
+            if op not in IMPLS:
+                raise ValueError(
+                    f"{ENV}: unknown op {op!r} in {spec!r}; valid ops: {', '.join(OPS)}"
+                )
+            if choice not in CHOICES:
+                raise ValueError(
+                    f"{ENV}: unknown choice {choice!r} for {op}; valid choices: "
+                    f"{', '.join(('auto', *IMPLS[op]))}"
+                )
+            per_op[op] = choice
+        else:
+            if part not in CHOICES:
+                raise ValueError(
+                    f"{ENV}: unknown choice {part!r}; valid: {', '.join(CHOICES)} or "
+                    f"per op like 'attention=ref,moe=triton' (ops: {', '.join(OPS)})"
+                )
+            default = part
+    return {op: per_op.get(op, default) for op in OPS}
+
+
+def current() -> dict[str, str]:
+    """The choice per op from the environment (read on every call: tests flip it)."""
+    return parse(os.environ.get(ENV))
+
+
+@lru_cache(maxsize=None)
+def _load(path: str) -> Callable:
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _valid(op: str) -> str:
+    return ", ".join(("auto", *IMPLS[op]))
+
+
+def _why_not(op: str, impl: str, device: torch.device) -> str | None:
+    """None if ``impl`` of ``op`` can run on tensors of ``device``, else the reason."""
+    if impl == "ref":
+        return None
+    if impl not in IMPLS[op]:
+        return f"{op} has no {impl!r} implementation"
+    if impl in ("triton", "cuda"):
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not (impl == "triton" and interpret):
+            need = "CUDA tensors or TRITON_INTERPRET=1" if impl == "triton" else "CUDA tensors"
+            return f"{op}={impl} needs {need} (got {device.type} tensors)"
+    try:
+        _load(IMPLS[op][impl])
+    except (ImportError, AttributeError, RuntimeError, OSError) as e:
+        return f"{op}={impl} is not available here ({type(e).__name__}: {e})"
+    return None
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_once(op: str, msg: str) -> None:
+    if (op, msg) not in _logged:
+        _logged.add((op, msg))
+        log.info(msg)
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """Name of the implementation of ``op`` to use for tensors on ``device``."""
+    choice = current()[op]
+    if choice != "auto":
+        why = _why_not(op, choice, device)
+        if why is not None:
+            err = ValueError if choice not in IMPLS[op] else RuntimeError
+            raise err(f"{ENV}: {why}; valid choices for {op}: {_valid(op)}")
+        return choice
+    if device.type != "cuda":
+        return "ref"
+    reasons = []
+    for impl in AUTO_CUDA_ORDER[op]:
+        why = _why_not(op, impl, device)
+        if why is None:
+            _log_once(op, f"fastcap.ops: {op} -> {impl} (auto)")
+            return impl
+        reasons.append(why)
+    _log_once(op, f"fastcap.ops: {op} falls back to ref (auto): {'; '.join(reasons)}")
+    return "ref"
+
+
+def get(op: str, device: torch.device) -> Callable:
+    """The function implementing ``op`` for tensors on ``device``."""
+    return _load(IMPLS[op][resolve(op, device)])

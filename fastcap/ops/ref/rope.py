@@ -1,0 +1,27 @@
+"""Rotary position embedding, NeoX rotate-half layout (shared by the reference and tests)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rope_cos_sin(
+    positions: Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape (L, dim) for integer ``positions`` (L,).
+
+    Frequency i (i < dim/2) is theta^(-2i/dim); the table repeats it for both halves.
+    """
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (L, dim/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (L, dim)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (..., L, D) by position: x * cos + rotate_half(x) * sin, in fp32, back to x.dtype."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rot * sin).to(x.dtype)

@@ -1,0 +1,68 @@
+"""Reference sigmoid contrastive loss: the naive B x B form, and a chunked form whose
+forward and backward never hold more than (chunk, B) logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """See :func:`fastcap.ops.siglip_loss`. Materialises the (B, B) logits (fp32)."""
+    B = img.shape[0]
+    logits = img.float() @ txt.float().T * logit_scale.float().exp() + logit_bias.float()
+    z = 2 * torch.eye(B, device=img.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
+    return -F.logsigmoid(z * logits).sum() / B
+
+
+class _ChunkedSigLIP(torch.autograd.Function):
+    """Row-chunked loss with a recomputing backward: peak extra memory O(chunk x B)."""
+
+    @staticmethod
+    def forward(ctx, img, txt, logit_scale, logit_bias, chunk):
+        B = img.shape[0]
+        t, b = logit_scale.float().exp(), logit_bias.float()
+        txtf = txt.float()
+        total = torch.zeros((), dtype=torch.float32, device=img.device)
+        for s in range(0, B, chunk):
+            logits = img[s:s + chunk].float() @ txtf.T * t + b  # (c, B)
+            # every entry is a negative except column s + r of row r
+            loss = F.softplus(logits).sum()
+            diag = logits.diagonal(offset=s)
+            total += loss - diag.sum()  # softplus(-x) = softplus(x) - x
+        ctx.save_for_backward(img, txt, logit_scale, logit_bias)
+        ctx.chunk = chunk
+        return total / B
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, logit_scale, logit_bias = ctx.saved_tensors
+        B, chunk = img.shape[0], ctx.chunk
+        t, b = logit_scale.float().exp(), logit_bias.float()
+        txtf = txt.float()
+        d_img = torch.empty_like(img, dtype=torch.float32)
+        d_txt = torch.zeros_like(txtf)
+        d_t = torch.zeros((), dtype=torch.float32, device=img.device)  # d loss / d t
+        d_b = torch.zeros((), dtype=torch.float32, device=img.device)
+        for s in range(0, B, chunk):
+            imgc = img[s:s + chunk].float()
+            dot = imgc @ txtf.T  # (c, B)
+            gl = torch.sigmoid(dot * t + b)  # d softplus(x)/dx
+            gl.diagonal(offset=s).sub_(1.0)  # positives: d softplus(-x)/dx = sigmoid(x) - 1
+            gl.mul_(g / B)
+            d_img[s:s + chunk] = gl @ txtf * t
+            d_txt += gl.T @ imgc * t
+            d_t += (gl * dot).sum()
+            d_b += gl.sum()
+        return (d_img.to(img.dtype), d_txt.to(txt.dtype), (d_t * t).to(logit_scale.dtype),
+                d_b.to(logit_bias.dtype), None)
+
+
+def siglip_loss_chunked(
+    img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, chunk: int = 1024
+) -> Tensor:
+    """Same value and gradients as :func:`siglip_loss`, O(chunk x B) extra memory."""
+    if chunk < 1:
+        raise ValueError(f"siglip_loss_chunked: chunk must be >= 1, got {chunk}")
+    return _ChunkedSigLIP.apply(img, txt, logit_scale, logit_bias, chunk)

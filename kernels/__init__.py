@@ -1,0 +1,1 @@
+"""Triton kernels for fastcap, installed as ``fastcap.kernels``. One op per file."""
