@@ -72,9 +72,18 @@ def peak_memory_bytes(fn, args) -> int:
 
 @pytest.fixture
 def measure(benchmark):
-    def _measure(fn, make_inputs, *, group: str, impl: str, flops: float | None = None,
-                 nbytes: float | None = None, n_sets: int = 3, rounds: int = 5,
-                 warmup: int = 1):
+    def _measure(
+        fn,
+        make_inputs,
+        *,
+        group: str,
+        impl: str,
+        flops: float | None = None,
+        nbytes: float | None = None,
+        n_sets: int = 3,
+        rounds: int = 5,
+        warmup: int = 1,
+    ):
         sets = [make_inputs() for _ in range(n_sets)]
         for args in sets[:warmup]:
             fn(*args)

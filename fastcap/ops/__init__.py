@@ -42,28 +42,38 @@ def attention(
     Returns:
         (B, H, Lq, D) in q's dtype. A query row that sees no key is 0.
     """
-    _need(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-          f"attention: q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-          f"{tuple(v.shape)}")
+    _need(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        f"attention: q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+        f"{tuple(v.shape)}",
+    )
     B, H, Lq, D = q.shape
-    _need(k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
-          f"attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, "
-          f"v {tuple(v.shape)}")
-    _need(q.dtype == k.dtype == v.dtype,
-          f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    _need(
+        k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
+        f"attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, "
+        f"v {tuple(v.shape)}",
+    )
+    _need(
+        q.dtype == k.dtype == v.dtype,
+        f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}",
+    )
     _need(q.device == k.device == v.device, "attention: q, k, v on different devices")
     if rope_theta is not None:
         _need(D % 2 == 0, f"attention: rope_theta needs an even head dim, got D={D}")
     if kv_lens is not None:
-        _need(kv_lens.shape == (B,) and not kv_lens.is_floating_point(),
-              f"attention: kv_lens must be an integer tensor of shape ({B},); got "
-              f"{tuple(kv_lens.shape)} {kv_lens.dtype}")
+        _need(
+            kv_lens.shape == (B,) and not kv_lens.is_floating_point(),
+            f"attention: kv_lens must be an integer tensor of shape ({B},); got "
+            f"{tuple(kv_lens.shape)} {kv_lens.dtype}",
+        )
     fn = dispatch.get("attention", q.device)
     return fn(q, k, v, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale)
 
 
 def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
-    """Routed SwiGLU experts: out[t] = sum_c w[t,c] * (silu(x@gate) * (x@up)) @ w2 of expert ids[t,c].
+    """Routed SwiGLU experts: out[t] = sum_c w[t,c] * FFN_{ids[t,c]}(x[t]).
+
+    FFN_e(x) = (silu(x @ gate_e) * (x @ up_e)) @ w2_e.
 
     Args:
         x: (T, d) tokens.
@@ -75,20 +85,30 @@ def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: 
     Returns:
         (T, d) in x's dtype. Experts that receive no token are legal and get zero gradient.
     """
-    _need(x.dim() == 2 and w13.dim() == 3 and w2.dim() == 3,
-          f"moe_ffn: need x (T, d), w13 (E, d, 2f), w2 (E, f, d); got {tuple(x.shape)}, "
-          f"{tuple(w13.shape)}, {tuple(w2.shape)}")
+    _need(
+        x.dim() == 2 and w13.dim() == 3 and w2.dim() == 3,
+        f"moe_ffn: need x (T, d), w13 (E, d, 2f), w2 (E, f, d); got {tuple(x.shape)}, "
+        f"{tuple(w13.shape)}, {tuple(w2.shape)}",
+    )
     T, d = x.shape
     E, d13, f2 = w13.shape
-    _need(d13 == d and f2 % 2 == 0 and w2.shape == (E, f2 // 2, d),
-          f"moe_ffn: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
-          f"(want (E, {d}, 2f)), w2 {tuple(w2.shape)} (want ({E}, {f2 // 2}, {d}))")
-    _need(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
-          f"moe_ffn: topk_ids and topk_weights must both be (T={T}, k); got "
-          f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
-    _need(not topk_ids.is_floating_point(), f"moe_ffn: topk_ids must be integer, got {topk_ids.dtype}")
-    _need(x.dtype == w13.dtype == w2.dtype,
-          f"moe_ffn: x, w13, w2 dtypes differ: {x.dtype}, {w13.dtype}, {w2.dtype}")
+    _need(
+        d13 == d and f2 % 2 == 0 and w2.shape == (E, f2 // 2, d),
+        f"moe_ffn: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
+        f"(want (E, {d}, 2f)), w2 {tuple(w2.shape)} (want ({E}, {f2 // 2}, {d}))",
+    )
+    _need(
+        topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
+        f"moe_ffn: topk_ids and topk_weights must both be (T={T}, k); got "
+        f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}",
+    )
+    _need(
+        not topk_ids.is_floating_point(), f"moe_ffn: topk_ids must be integer, got {topk_ids.dtype}"
+    )
+    _need(
+        x.dtype == w13.dtype == w2.dtype,
+        f"moe_ffn: x, w13, w2 dtypes differ: {x.dtype}, {w13.dtype}, {w2.dtype}",
+    )
     fn = dispatch.get("moe", x.device)
     return fn(x, w13, w2, topk_ids, topk_weights)
 
@@ -104,13 +124,16 @@ def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tenso
     Returns:
         0-d fp32 loss. Gradients flow to all four inputs.
     """
-    _need(img.dim() == 2 and img.shape == txt.shape,
-          f"siglip_loss: img and txt must both be (B, d); got {tuple(img.shape)}, "
-          f"{tuple(txt.shape)}")
+    _need(
+        img.dim() == 2 and img.shape == txt.shape,
+        f"siglip_loss: img and txt must both be (B, d); got {tuple(img.shape)}, {tuple(txt.shape)}",
+    )
     _need(img.dtype == txt.dtype, f"siglip_loss: img {img.dtype} and txt {txt.dtype} differ")
-    _need(logit_scale.dim() == 0 and logit_bias.dim() == 0,
-          f"siglip_loss: logit_scale and logit_bias must be 0-d; got "
-          f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}")
+    _need(
+        logit_scale.dim() == 0 and logit_bias.dim() == 0,
+        f"siglip_loss: logit_scale and logit_bias must be 0-d; got "
+        f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}",
+    )
     fn = dispatch.get("siglip", img.device)
     return fn(img, txt, logit_scale, logit_bias)
 
@@ -133,14 +156,19 @@ def linear_cross_entropy(
     Returns:
         0-d fp32 loss; 0 (not NaN) when every target is ignored.
     """
-    _need(h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1],
-          f"linear_cross_entropy: need h (N, d) and weight (V, d); got {tuple(h.shape)}, "
-          f"{tuple(weight.shape)}")
-    _need(targets.shape == (h.shape[0],) and not targets.is_floating_point(),
-          f"linear_cross_entropy: targets must be integer ({h.shape[0]},); got "
-          f"{tuple(targets.shape)} {targets.dtype}")
-    _need(0.0 <= label_smoothing < 1.0,
-          f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    _need(
+        h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1],
+        f"linear_cross_entropy: need h (N, d) and weight (V, d); got {tuple(h.shape)}, "
+        f"{tuple(weight.shape)}",
+    )
+    _need(
+        targets.shape == (h.shape[0],) and not targets.is_floating_point(),
+        f"linear_cross_entropy: targets must be integer ({h.shape[0]},); got "
+        f"{tuple(targets.shape)} {targets.dtype}",
+    )
+    _need(
+        0.0 <= label_smoothing < 1.0,
+        f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}",
+    )
     fn = dispatch.get("lce", h.device)
     return fn(h, weight, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
-

@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -90,7 +90,7 @@ def current() -> dict[str, str]:
     return parse(os.environ.get(ENV))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: str) -> Callable:
     module, fn = path.split(":")
     return getattr(importlib.import_module(module), fn)

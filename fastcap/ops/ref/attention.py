@@ -28,9 +28,9 @@ def attention_mask(
 def rotate_qk(q: Tensor, k: Tensor, rope_theta: float) -> tuple[Tensor, Tensor]:
     """Apply RoPE with key j at position j and query i at i + (Lk - Lq)."""
     Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
-    pos = torch.arange(Lk, device=q.device)
-    cos, sin = rope_cos_sin(pos, D, rope_theta)
-    return apply_rope(q, cos[Lk - Lq:], sin[Lk - Lq:]), apply_rope(k, cos, sin)
+    cos_k, sin_k = rope_cos_sin(torch.arange(Lk, device=q.device), D, rope_theta)
+    cos_q, sin_q = rope_cos_sin(torch.arange(Lq, device=q.device) + (Lk - Lq), D, rope_theta)
+    return apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
 
 
 def attention(

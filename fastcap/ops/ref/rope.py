@@ -9,19 +9,22 @@ from torch import Tensor
 def rope_cos_sin(
     positions: Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (L, dim) for integer ``positions`` (L,).
+    """cos and sin tables of shape (L, dim) for integer ``positions`` (L,), possibly negative.
 
     Frequency i (i < dim/2) is theta^(-2i/dim); the table repeats it for both halves.
     """
-    inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)
+    inv_freq = theta ** (
+        -torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
+    )
     ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (L, dim/2)
     ang = torch.cat([ang, ang], dim=-1)  # (L, dim)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., L, D) by position: x * cos + rotate_half(x) * sin, in fp32, back to x.dtype."""
+    """Rotate x (..., L, D) by position: x * cos + rotate_half(x) * sin, in at least fp32."""
     half = x.shape[-1] // 2
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * cos + rot * sin).to(x.dtype)

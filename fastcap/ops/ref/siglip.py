@@ -8,10 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _acc(t: Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
     """See :func:`fastcap.ops.siglip_loss`. Materialises the (B, B) logits (fp32)."""
     B = img.shape[0]
-    logits = img.float() @ txt.float().T * logit_scale.float().exp() + logit_bias.float()
+    a = _acc(img)
+    logits = img.to(a) @ txt.to(a).T * logit_scale.to(a).exp() + logit_bias.to(a)
     z = 2 * torch.eye(B, device=img.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
     return -F.logsigmoid(z * logits).sum() / B
 
@@ -22,11 +28,12 @@ class _ChunkedSigLIP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, logit_scale, logit_bias, chunk):
         B = img.shape[0]
-        t, b = logit_scale.float().exp(), logit_bias.float()
-        txtf = txt.float()
-        total = torch.zeros((), dtype=torch.float32, device=img.device)
+        a = _acc(img)
+        t, b = logit_scale.to(a).exp(), logit_bias.to(a)
+        txtf = txt.to(a)
+        total = torch.zeros((), dtype=a, device=img.device)
         for s in range(0, B, chunk):
-            logits = img[s:s + chunk].float() @ txtf.T * t + b  # (c, B)
+            logits = img[s : s + chunk].to(a) @ txtf.T * t + b  # (c, B)
             # every entry is a negative except column s + r of row r
             loss = F.softplus(logits).sum()
             diag = logits.diagonal(offset=s)
@@ -39,24 +46,30 @@ class _ChunkedSigLIP(torch.autograd.Function):
     def backward(ctx, g):
         img, txt, logit_scale, logit_bias = ctx.saved_tensors
         B, chunk = img.shape[0], ctx.chunk
-        t, b = logit_scale.float().exp(), logit_bias.float()
-        txtf = txt.float()
-        d_img = torch.empty_like(img, dtype=torch.float32)
+        a = _acc(img)
+        t, b = logit_scale.to(a).exp(), logit_bias.to(a)
+        txtf = txt.to(a)
+        d_img = torch.empty_like(img, dtype=a)
         d_txt = torch.zeros_like(txtf)
-        d_t = torch.zeros((), dtype=torch.float32, device=img.device)  # d loss / d t
-        d_b = torch.zeros((), dtype=torch.float32, device=img.device)
+        d_t = torch.zeros((), dtype=a, device=img.device)  # d loss / d t
+        d_b = torch.zeros((), dtype=a, device=img.device)
         for s in range(0, B, chunk):
-            imgc = img[s:s + chunk].float()
+            imgc = img[s : s + chunk].to(a)
             dot = imgc @ txtf.T  # (c, B)
             gl = torch.sigmoid(dot * t + b)  # d softplus(x)/dx
             gl.diagonal(offset=s).sub_(1.0)  # positives: d softplus(-x)/dx = sigmoid(x) - 1
             gl.mul_(g / B)
-            d_img[s:s + chunk] = gl @ txtf * t
+            d_img[s : s + chunk] = gl @ txtf * t
             d_txt += gl.T @ imgc * t
             d_t += (gl * dot).sum()
             d_b += gl.sum()
-        return (d_img.to(img.dtype), d_txt.to(txt.dtype), (d_t * t).to(logit_scale.dtype),
-                d_b.to(logit_bias.dtype), None)
+        return (
+            d_img.to(img.dtype),
+            d_txt.to(txt.dtype),
+            (d_t * t).to(logit_scale.dtype),
+            d_b.to(logit_bias.dtype),
+            None,
+        )
 
 
 def siglip_loss_chunked(

@@ -1,0 +1,1 @@
+"""Thin argument parsing for the console scripts; no logic lives here."""
