@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcap.ops.ref.rope import apply_rope, rope_cos_sin
+from fastcap.ops.ref.rope import apply_rope, rope_range
 
 
 def attention_mask(
@@ -28,8 +28,8 @@ def attention_mask(
 def rotate_qk(q: Tensor, k: Tensor, rope_theta: float) -> tuple[Tensor, Tensor]:
     """Apply RoPE with key j at position j and query i at i + (Lk - Lq)."""
     Lq, Lk, D = q.shape[2], k.shape[2], q.shape[3]
-    cos_k, sin_k = rope_cos_sin(torch.arange(Lk, device=q.device), D, rope_theta)
-    cos_q, sin_q = rope_cos_sin(torch.arange(Lq, device=q.device) + (Lk - Lq), D, rope_theta)
+    cos_k, sin_k = rope_range(0, Lk, D, rope_theta, q.device)
+    cos_q, sin_q = rope_range(Lk - Lq, Lk, D, rope_theta, q.device)
     return apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -28,3 +30,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
     rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * cos + rot * sin).to(x.dtype)
+
+
+@lru_cache(maxsize=64)
+def _table(n: int, dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    return rope_cos_sin(torch.arange(n, device=device), dim, theta)
+
+
+def rope_range(
+    start: int, stop: int, dim: int, theta: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """cos/sin (stop - start, dim) fp32 for positions start..stop-1 (start may be negative);
+    tables for non-negative ranges are cached, so decoding does not rebuild them each step."""
+    if start < 0:
+        return rope_cos_sin(torch.arange(start, stop, device=device), dim, theta)
+    n = 1 << max(stop - 1, 1).bit_length()  # cache by power-of-two length
+    cos, sin = _table(n, dim, float(theta), torch.device(device))
+    return cos[start:stop], sin[start:stop]

@@ -26,26 +26,29 @@ class _ChunkedSigLIP(torch.autograd.Function):
     """Row-chunked loss with a recomputing backward: peak extra memory O(chunk x B)."""
 
     @staticmethod
-    def forward(ctx, img, txt, logit_scale, logit_bias, chunk):
+    def forward(ctx, img, txt, logit_scale, logit_bias, chunk, offset=0, denom=None):
+        # img (M, d) against txt (N, d): image r's positive is text r + offset, the sum is
+        # divided by denom (default M). The square loss is offset 0, M = N, denom B.
         B = img.shape[0]
         a = _acc(img)
         t, b = logit_scale.to(a).exp(), logit_bias.to(a)
         txtf = txt.to(a)
         total = torch.zeros((), dtype=a, device=img.device)
         for s in range(0, B, chunk):
-            logits = img[s : s + chunk].to(a) @ txtf.T * t + b  # (c, B)
-            # every entry is a negative except column s + r of row r
+            logits = img[s : s + chunk].to(a) @ txtf.T * t + b  # (c, N)
+            # every entry is a negative except column s + offset + r of row r
             loss = F.softplus(logits).sum()
-            diag = logits.diagonal(offset=s)
+            diag = logits.diagonal(offset=s + offset)
             total += loss - diag.sum()  # softplus(-x) = softplus(x) - x
         ctx.save_for_backward(img, txt, logit_scale, logit_bias)
-        ctx.chunk = chunk
-        return total / B
+        ctx.chunk, ctx.offset = chunk, offset
+        ctx.denom = B if denom is None else denom
+        return total / ctx.denom
 
     @staticmethod
     def backward(ctx, g):
         img, txt, logit_scale, logit_bias = ctx.saved_tensors
-        B, chunk = img.shape[0], ctx.chunk
+        B, chunk, offset = img.shape[0], ctx.chunk, ctx.offset
         a = _acc(img)
         t, b = logit_scale.to(a).exp(), logit_bias.to(a)
         txtf = txt.to(a)
@@ -55,10 +58,10 @@ class _ChunkedSigLIP(torch.autograd.Function):
         d_b = torch.zeros((), dtype=a, device=img.device)
         for s in range(0, B, chunk):
             imgc = img[s : s + chunk].to(a)
-            dot = imgc @ txtf.T  # (c, B)
+            dot = imgc @ txtf.T  # (c, N)
             gl = torch.sigmoid(dot * t + b)  # d softplus(x)/dx
-            gl.diagonal(offset=s).sub_(1.0)  # positives: d softplus(-x)/dx = sigmoid(x) - 1
-            gl.mul_(g / B)
+            gl.diagonal(offset=s + offset).sub_(1.0)  # positives: sigmoid(x) - 1
+            gl.mul_(g / ctx.denom)
             d_img[s : s + chunk] = gl @ txtf * t
             d_txt += gl.T @ imgc * t
             d_t += (gl * dot).sum()
@@ -68,6 +71,8 @@ class _ChunkedSigLIP(torch.autograd.Function):
             d_txt.to(txt.dtype),
             (d_t * t).to(logit_scale.dtype),
             d_b.to(logit_bias.dtype),
+            None,
+            None,
             None,
         )
 
@@ -79,3 +84,25 @@ def siglip_loss_chunked(
     if chunk < 1:
         raise ValueError(f"siglip_loss_chunked: chunk must be >= 1, got {chunk}")
     return _ChunkedSigLIP.apply(img, txt, logit_scale, logit_bias, chunk)
+
+
+def _siglip_loss_rect(
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    offset: int,
+    denom: float,
+    chunk: int = 1024,
+) -> Tensor:
+    """Images (M, d) against texts (N, d); image i's positive is text i + offset; the sum over
+    all M x N pairs is divided by ``denom``. O(chunk x N) extra memory. The per-rank term of
+    :func:`fastcap.ops.siglip_dist.siglip_loss_distributed`."""
+    if offset < 0 or img.shape[0] + offset > txt.shape[0]:
+        raise ValueError(
+            f"_siglip_loss_rect: need 0 <= offset and M + offset <= N; got M={img.shape[0]}, "
+            f"N={txt.shape[0]}, offset={offset}"
+        )
+    if chunk < 1:
+        raise ValueError(f"_siglip_loss_rect: chunk must be >= 1, got {chunk}")
+    return _ChunkedSigLIP.apply(img, txt, logit_scale, logit_bias, chunk, int(offset), float(denom))

@@ -1,0 +1,76 @@
+"""fastcap-train: parse arguments into a TrainConfig and run the trainer. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastcap.data.karpathy import DataError
+from fastcap.train.config import PRESETS, ConfigError, build
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastcap-train",
+        description="Train an image captioner under DeepSpeed ZeRO-3 (world size 1 by default; "
+        "`deepspeed --num_gpus N $(which fastcap-train) ...` for more).",
+    )
+    p.add_argument("--preset", default="shapes-tiny", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--config", help="YAML or JSON file of config values (applied after the preset)")
+    p.add_argument("--data", help="dataset as kind:path, e.g. shapes:data/shapes")
+    p.add_argument("--image-root", help="image folder for karpathy data")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--wandb", choices=["online", "offline", "disabled"])
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="any config field, e.g. model.width=256 tf.schedule=linear tf.end=0.8",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    flags = {
+        "data.data": args.data,
+        "data.image_root": args.image_root,
+        "out": args.out,
+        "epochs": args.epochs,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "optim.lr": args.lr,
+        "seed": args.seed,
+        "wandb": args.wandb,
+        "checkpointing": True if args.checkpointing else None,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    try:
+        cfg = build(args.preset, args.config, overrides)
+        from fastcap.train.loop import Trainer
+
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, DataError) as e:
+        print(f"fastcap-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, DataError) as e:
+        print(f"fastcap-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

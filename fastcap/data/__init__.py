@@ -1,0 +1,1 @@
+"""Datasets, the shapes generator and the tokenizer."""

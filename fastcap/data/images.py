@@ -1,0 +1,49 @@
+"""Image decoding and normalisation shared by training, evaluation and captioning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+log = logging.getLogger("fastcap.data")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def read_image(path: str | Path, size: int) -> Tensor:
+    """Decode any image file (RGB, gray, RGBA, palette, 16-bit) to uint8 (3, size, size).
+
+    Resized (shorter side to ``size``, antialiased) and centre-cropped. Raises on a file that
+    cannot be decoded.
+    """
+    data = torchvision_read(path)
+    img = decode_image(data, mode=ImageReadMode.RGB)
+    if img.dtype != torch.uint8:
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, size, antialias=True)
+        img = TF.center_crop(img, [size, size])
+    return img.contiguous()
+
+
+def torchvision_read(path: str | Path) -> Tensor:
+    from torchvision.io import read_file
+
+    return read_file(str(path))
+
+
+def normalize(u8: Tensor) -> Tensor:
+    """uint8 (B, 3, S, S) -> float (B, 3, S, S), ImageNet mean/std, channels-last memory."""
+    x = (u8.float() / 255.0 - MEAN.to(u8.device)) / STD.to(u8.device)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def denormalize(x: Tensor) -> Tensor:
+    """Inverse of :func:`normalize`, to float in [0, 1]."""
+    return (x.float() * STD.to(x.device) + MEAN.to(x.device)).clamp(0, 1)

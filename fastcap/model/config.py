@@ -1,0 +1,115 @@
+"""Model configuration: nested dataclasses, one docstring per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-style mixture of experts for the decoder's feed-forward blocks."""
+
+    enabled: bool = False
+    """Use MoE feed-forward blocks in the decoder (otherwise dense SwiGLU)."""
+    num_experts: int = 8
+    """Number of fine-grained routed experts."""
+    num_shared: int = 1
+    """Number of always-on shared experts (one dense SwiGLU of num_shared * expert_hidden)."""
+    top_k: int = 2
+    """Routed experts per token."""
+    expert_hidden: int = 128
+    """Hidden width f of each expert (fine-grained: smaller than a dense FFN)."""
+    first_dense: bool = True
+    """Keep the first decoder layer dense (DeepSeek does; early routing is unstable)."""
+    aux_alpha: float = 1.0
+    """Scale inside the expert-level balance loss sum_i f_i P_i (the weight in the total loss
+    is lambda_aux of ModelConfig)."""
+
+
+@dataclass
+class ModelConfig:
+    """The captioner: ResNet trunk + Transformer encoder, CoCa-style Transformer decoder."""
+
+    trunk: str = "resnet18"
+    """torchvision ResNet trunk: resnet18, resnet34 or resnet50 (built with weights=None)."""
+    trunk_weights: str | None = None
+    """Optional path of a local state_dict file for the trunk (nothing is downloaded)."""
+    trunk_norm: str = "batch"
+    """Normalisation inside the trunk: batch (torchvision's BatchNorm) or group (GroupNorm,
+    32 groups; independent of the batch, so results do not depend on how a batch is split
+    across ranks)."""
+    trunk_stride: int = 8
+    """Output stride of the trunk (4, 8, 16 or 32): where the ResNet is cut."""
+    image_size: int = 64
+    """Input image side in pixels (square)."""
+    patch: int = 1
+    """Group p x p feature-map cells into one token (ViT-style); 1 keeps every cell."""
+    width: int = 128
+    """Model width d of encoder and decoder."""
+    heads: int = 4
+    """Attention heads (head dim = width / heads)."""
+    encoder_layers: int = 2
+    """Pre-norm Transformer encoder layers over the image tokens."""
+    unimodal_layers: int = 1
+    """Decoder layers with causal self-attention only (their end-of-text state is the text
+    embedding)."""
+    multimodal_layers: int = 2
+    """Decoder layers that add cross-attention to the image tokens."""
+    ffn_mult: float = 8 / 3
+    """Dense SwiGLU hidden width as a multiple of width (rounded up to a multiple of 32)."""
+    max_len: int = 32
+    """Longest token sequence (bos + caption + eos) the decoder accepts."""
+    vocab_size: int = 128
+    """Vocabulary size; set from the tokenizer by the trainer."""
+    pad_id: int = 0
+    """Padding token id."""
+    bos_id: int = 1
+    """Beginning-of-sequence token id."""
+    eos_id: int = 2
+    """End-of-sequence token id."""
+    rope_theta: float = 10000.0
+    """RoPE base of the decoder's causal self-attention."""
+    embed_dim: int = 128
+    """Width of the contrastive image/text embeddings."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the token cross-entropy."""
+    lambda_clip: float = 0.1
+    """Weight of the SigLIP contrastive loss in the total loss."""
+    lambda_aux: float = 0.01
+    """Weight of the MoE balance loss in the total loss."""
+    siglip_scale_init: float = 2.302585092994046
+    """Initial logit_scale (log temperature): log 10."""
+    siglip_bias_init: float = -10.0
+    """Initial logit_bias."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts settings."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        h = int(self.width * self.ffn_mult)
+        return (h + 31) // 32 * 32
+
+    def validate(self) -> None:
+        """Raise ValueError with the fix for settings that cannot work."""
+        if self.width % self.heads:
+            raise ValueError(f"model.width {self.width} must be divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.trunk not in ("resnet18", "resnet34", "resnet50"):
+            raise ValueError(f"model.trunk {self.trunk!r}: use resnet18, resnet34 or resnet50")
+        if self.trunk_norm not in ("batch", "group"):
+            raise ValueError(f"model.trunk_norm {self.trunk_norm!r}: use batch or group")
+        if self.trunk_stride not in (4, 8, 16, 32):
+            raise ValueError(f"model.trunk_stride {self.trunk_stride}: use 4, 8, 16 or 32")
+        grid = self.image_size // self.trunk_stride
+        if grid < 1 or grid % self.patch:
+            raise ValueError(
+                f"image_size {self.image_size} / trunk_stride {self.trunk_stride} = {grid} "
+                f"cells must be >= 1 and divisible by patch {self.patch}"
+            )
+        if self.moe.enabled and self.moe.top_k > self.moe.num_experts:
+            raise ValueError(f"moe.top_k {self.moe.top_k} > moe.num_experts {self.moe.num_experts}")

@@ -1,0 +1,119 @@
+"""CoCa-style text decoder: unimodal causal layers (RoPE), then multimodal layers that add
+cross-attention to the image tokens. RMSNorm, SwiGLU or MoE feed-forward, tied embeddings.
+
+Padding is handled only through ``kv_lens`` (keys past a sequence's length are never attended)
+and by excluding pad positions from the MoE router and from every loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fastcap.model.config import ModelConfig
+from fastcap.model.layers import Attention, RMSNorm, SwiGLU
+from fastcap.model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, cross: bool, moe: bool):
+        super().__init__()
+        d = cfg.width
+        self.rope_theta = cfg.rope_theta
+        self.norm1 = RMSNorm(d)
+        self.self_attn = Attention(d, cfg.heads)
+        self.norm_c = RMSNorm(d) if cross else None
+        self.cross_attn = Attention(d, cfg.heads, cross=True) if cross else None
+        self.norm2 = RMSNorm(d)
+        self.ffn = MoE(d, cfg.moe) if moe else SwiGLU(d, cfg.ffn_hidden)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        kv_lens: Tensor,
+        valid: Tensor,
+        img_kv: tuple[Tensor, Tensor] | None,
+        cache: dict | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, L, d); ``valid`` (B, L) bool marks real tokens. Returns (x, aux loss)."""
+        h = self.norm1(x)
+        x = x + self.self_attn(
+            h, causal=True, kv_lens=kv_lens, rope_theta=self.rope_theta, cache=cache
+        )
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_c(x), kv=img_kv)
+        h = self.norm2(x)
+        if isinstance(self.ffn, MoE):
+            # route real tokens only: padding neither costs expert work nor skews the balance
+            out = torch.zeros_like(h)
+            y, aux = self.ffn(h[valid])
+            out[valid] = y
+            return x + out, aux
+        return x + self.ffn(h), x.new_zeros((), dtype=torch.float32)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        nn.init.normal_(self.embed.weight, std=cfg.width**-0.5)
+        n_uni = cfg.unimodal_layers
+        layers = []
+        for i in range(n_uni + cfg.multimodal_layers):
+            moe = cfg.moe.enabled and not (cfg.moe.first_dense and i == 0)
+            layers.append(DecoderLayer(cfg, cross=i >= n_uni, moe=moe))
+        self.layers = nn.ModuleList(layers)
+        self.text_norm = RMSNorm(cfg.width)
+        self.text_embed = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self.norm = RMSNorm(cfg.width)
+
+    @property
+    def cross_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.layers if layer.cross_attn is not None]
+
+    def image_kv(self, img_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Cross-attention keys/values of every multimodal layer: projected once per image."""
+        return [layer.cross_attn.project_kv(img_tokens) for layer in self.cross_layers]
+
+    def forward(
+        self,
+        tokens: Tensor,
+        kv_lens: Tensor,
+        img_kv: list[tuple[Tensor, Tensor]],
+        cache: list[dict] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens (B, L) -> (final hidden (B, L, d) normed, unimodal hidden (B, L, d), aux).
+
+        ``kv_lens`` (B,) counts real keys (with a cache: real keys so far, new ones included).
+        With ``cache`` (one dict per layer), ``tokens`` are only the new positions.
+        """
+        B, L = tokens.shape
+        offset = 0 if cache is None or "k" not in cache[0] else cache[0]["k"].shape[2]
+        pos = torch.arange(offset, offset + L, device=tokens.device)
+        valid = pos[None, :] < kv_lens[:, None]  # (B, L)
+        x = self.embed(tokens)
+        aux = x.new_zeros((), dtype=torch.float32)
+        uni = x
+        n_uni = self.cfg.unimodal_layers
+        kv_iter = iter(img_kv)
+        for i, layer in enumerate(self.layers):
+            kv = next(kv_iter) if layer.cross_attn is not None else None
+            x, a = layer(
+                x,
+                kv_lens=kv_lens,
+                valid=valid,
+                img_kv=kv,
+                cache=None if cache is None else cache[i],
+            )
+            aux = aux + a
+            if i == n_uni - 1:
+                uni = x
+        return self.norm(x), uni, aux
+
+    def text_embedding(self, uni: Tensor, lens: Tensor) -> Tensor:
+        """Unimodal state at the end-of-text position lens - 1 -> (B, embed_dim)."""
+        last = uni[torch.arange(uni.shape[0], device=uni.device), lens - 1]
+        return self.text_embed(self.text_norm(last))

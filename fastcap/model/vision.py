@@ -1,0 +1,79 @@
+"""Vision encoder: ResNet trunk cut at a stride, 1x1 projection, ViT-style tokens with a learned
+2-D position embedding, pre-norm Transformer encoder layers, a pooled embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch import Tensor
+
+from fastcap.model.config import ModelConfig
+from fastcap.model.layers import EncoderLayer, RMSNorm
+
+# ResNet stage -> (output stride, channels for resnet18/34, channels for resnet50)
+_STAGES = {
+    "layer1": (4, 64, 256),
+    "layer2": (8, 128, 512),
+    "layer3": (16, 256, 1024),
+    "layer4": (32, 512, 2048),
+}
+
+
+def build_trunk(
+    name: str, stride: int, weights: str | None, norm: str = "batch"
+) -> tuple[nn.Module, int]:
+    """A torchvision ResNet (weights=None, optionally a local state_dict) cut at ``stride``."""
+    kw = {"norm_layer": lambda c: nn.GroupNorm(32, c)} if norm == "group" else {}
+    net = getattr(torchvision.models, name)(weights=None, **kw)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        missing, _ = net.load_state_dict(state, strict=False)
+        if any(not m.startswith("fc.") for m in missing):
+            raise ValueError(f"trunk weights {weights}: missing keys {missing[:5]}")
+    layers = [net.conv1, net.bn1, net.relu, net.maxpool]
+    channels = 0
+    for stage, (s, c_small, c_big) in _STAGES.items():
+        layers.append(getattr(net, stage))
+        channels = c_big if name == "resnet50" else c_small
+        if s == stride:
+            break
+    return nn.Sequential(*layers), channels
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk, channels = build_trunk(
+            cfg.trunk, cfg.trunk_stride, cfg.trunk_weights, cfg.trunk_norm
+        )
+        self.proj = nn.Conv2d(channels, cfg.width, kernel_size=1)
+        p = cfg.patch
+        self.patch = nn.Linear(p * p * cfg.width, cfg.width) if p > 1 else None
+        grid = cfg.image_size // cfg.trunk_stride // p
+        self.grid = grid
+        self.pos_row = nn.Parameter(torch.randn(grid, 1, cfg.width) * 0.02)
+        self.pos_col = nn.Parameter(torch.randn(1, grid, cfg.width) * 0.02)
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg.width, cfg.heads, cfg.ffn_hidden) for _ in range(cfg.encoder_layers)
+        )
+        self.norm = RMSNorm(cfg.width)
+        self.embed = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (B, 3, S, S) normalised -> tokens (B, N, d), pooled embedding (B, embed_dim)."""
+        f = self.proj(self.trunk(images))  # (B, d, g, g)
+        B, d, g, _ = f.shape
+        p = self.cfg.patch
+        if self.patch is not None:
+            # (B, d, g/p, p, g/p, p) -> (B, g/p, g/p, p*p*d): one token per p x p cell block
+            f = f.view(B, d, g // p, p, g // p, p).permute(0, 2, 4, 3, 5, 1)
+            x = self.patch(f.reshape(B, g // p, g // p, p * p * d))
+        else:
+            x = f.permute(0, 2, 3, 1)  # (B, g, g, d)
+        x = (x + self.pos_row + self.pos_col).reshape(B, -1, d)  # (B, N, d)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        return x, self.embed(x.mean(dim=1))

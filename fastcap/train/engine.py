@@ -1,0 +1,177 @@
+"""DeepSpeed ZeRO-3 set-up: distributed init, the DeepSpeed JSON built from the config in one
+function, the engine, and reading full weights back out of the partitions.
+
+This is the only module that touches DeepSpeed's API; the model never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+
+import torch
+
+from fastcap.model import Captioner, MoE
+from fastcap.train.config import TrainConfig
+
+log = logging.getLogger("fastcap.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+
+    A plain ``fastcap-train`` is a world of one; ``deepspeed --num_gpus N`` / ``torchrun`` set
+    RANK, WORLD_SIZE and the rendezvous. Returns (rank, world size, device).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False
+        )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16 on GPUs that have it, fp16 (loss scaling) on other GPUs, fp32 on the CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict:
+    """The whole DeepSpeed JSON, from the training config. ZeRO stage 3 always."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} does not divide across {world} ranks x "
+            f"{cfg.grad_accum} accumulation steps; use a multiple of {world * cfg.grad_accum}"
+        )
+    ds = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // (world * cfg.grad_accum),
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": torch.cuda.is_available(),
+            "contiguous_gradients": True,
+            "stage3_param_persistence_threshold": cfg.zero_persistence_threshold,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for 1-D tensors (norms, biases, scalars) and position tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "pos_" in name or name.endswith("logit_scale"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warm = max(cfg.optim.warmup_steps, 0)
+    floor = cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min((step - warm) / max(total_steps - warm, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def build_engine(model: Captioner, cfg: TrainConfig, world: int, precision: str, total_steps: int):
+    """Wrap the model in a ZeRO-3 engine with AdamW and warmup + cosine LR."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    # MoE: which experts run depends on the data, so ZeRO-3 must gather the block as one leaf
+    if any(isinstance(m, MoE) for m in model.modules()):
+        set_z3_leaf_modules(model, [MoE])
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=1e-8,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=deepspeed_config(cfg, world, precision),
+    )
+    # the tied embedding is read by the LM head outside the Embedding module's own forward
+    deepspeed.zero.register_external_parameter(model, model.decoder.embed.weight)
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, gathered from the ZeRO-3 partitions, fp32, on the CPU."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.cpu().clone()
+            for k, v in module.state_dict().items()
+        }
+
+
+def partition_fraction(engine) -> float:
+    """Share of all parameter elements this rank holds (1/world for fully partitioned)."""
+    held = total = 0
+    for p in engine.module.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return held / max(total, 1)
