@@ -19,7 +19,7 @@ from fastcap.model.decoder import TextDecoder
 from fastcap.model.layers import Attention
 from fastcap.model.moe import MoE
 from fastcap.model.vision import VisionEncoder
-from fastcap.ops import linear_cross_entropy, siglip_loss
+from fastcap.ops import linear_cross_entropy, siglip_loss, siglip_loss_distributed
 
 IGNORE = -100
 
@@ -124,12 +124,15 @@ class Captioner(nn.Module):
             h[mask], self.decoder.embed.weight, tgt[mask], label_smoothing=cfg.label_smoothing
         )
         txt_emb = self.decoder.text_embedding(uni, lens)
-        clip = siglip_loss(
-            F.normalize(img_emb, dim=-1),
-            F.normalize(txt_emb, dim=-1),
-            self.logit_scale[0],
-            self.logit_bias[0],
-        )
+        img_n, txt_n = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+        world = _world_size()
+        if world > 1:
+            # negatives from every rank's texts; x world because the engine averages gradients
+            # over ranks, so each rank's term weighs like the single-process loss
+            clip = world * siglip_loss_distributed(
+                img_n, txt_n, self.logit_scale[0], self.logit_bias[0])
+        else:
+            clip = siglip_loss(img_n, txt_n, self.logit_scale[0], self.logit_bias[0])
         loss = ce + cfg.lambda_clip * clip + cfg.lambda_aux * aux
         n_caption = (lens - 2).clamp(min=0).sum().clamp(min=1)
         out = {
@@ -173,6 +176,13 @@ class Captioner(nn.Module):
                 out[f"diag/router_entropy/dec{i}"] = layer.ffn.last_entropy
                 out[f"diag/expert_load_max/dec{i}"] = layer.ffn.last_load.max()
         return out
+
+
+def _world_size() -> int:
+    """Data-parallel world size (1 outside torch.distributed); not a DeepSpeed dependency."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _entropy(p: Tensor | None, qmask: Tensor | None) -> Tensor:

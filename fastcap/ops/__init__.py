@@ -172,3 +172,8 @@ def linear_cross_entropy(
     )
     fn = dispatch.get("lce", h.device)
     return fn(h, weight, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+from fastcap.ops.siglip_dist import siglip_loss_distributed  # noqa: E402  (uses dispatch)
+
+__all__ += ["siglip_loss_distributed"]

@@ -162,6 +162,7 @@ class Trainer:
             from fastcap.train.parallelize import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model)
+        self.param_share = eng.partition_fraction(self.engine)
         self.tf_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
         if self.resume is not None:
@@ -300,6 +301,8 @@ class Trainer:
                     t_last, tok_count, img_count = time.time(), 0, 0
                     if self.wandb is not None:
                         self.wandb.log(rec, step=self.step)
+                    if self.is_main:
+                        self._log_line({"step": self.step, **rec})
                     if bar is not None:
                         bar.set_postfix(
                             loss=f"{rec['loss/total']:.3f}",
@@ -320,6 +323,11 @@ class Trainer:
                 self.batch_pos = 0
         if bar is not None:
             bar.close()
+
+    def _log_line(self, rec: dict) -> None:
+        """Append one JSON line to RUN/train_log.jsonl (the same scalars W&B gets)."""
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({k: float(v) for k, v in rec.items()}) + "\n")
 
     def train_step(self, batch: Batch) -> dict:
         """One optimiser step over this rank's slice of a global batch (with accumulation)."""
@@ -349,6 +357,11 @@ class Trainer:
             logs["loss"] = logs.get("loss", 0.0) + float(out["loss"].detach()) / cfg.grad_accum
             del out
         logs["tf_p"] = p
+        if self.world > 1:  # log the mean over ranks, not rank 0's share
+            keys = [k for k in ("loss", "ce", "clip", "aux", "tf_pred") if k in logs]
+            t = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            logs.update({k: float(v) / self.world for k, v in zip(keys, t)})
         return logs
 
     def _scalars(self, out: dict) -> dict:
@@ -364,6 +377,7 @@ class Trainer:
             "epoch": self.epoch + self.batch_pos / max(self.steps_per_epoch, 1),
             "mem/rss_mib": rss_mib(),
             "mem/peak_rss_mib": peak_rss_mib(),
+            "zero/param_share": self.param_share,
         }
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
