@@ -1,0 +1,733 @@
+"""Fused attention in Triton: RoPE, bottom-right causal, key padding; forward and backward.
+
+Computes exactly what :func:`fastcap.ops.ref.attention.attention` computes, FlashAttention-2
+style: the forward streams key blocks through an online softmax with fp32 accumulators and saves
+the log-sum-exp per query row; the backward recomputes the probabilities from it.
+
+* RoPE (NeoX rotate-half) is applied as blocks are loaded: q once per query block, k per key
+  block, both from a small fp32 cos/sin table built in fp64 on the host (the same numbers as the
+  reference). No rotated copy of q or k is ever written. Key j sits at position j, query i at
+  i + (Lk - Lq); when Lq > Lk those query positions are negative and the table starts there.
+  The dot products run on the two halves of the head dim, so rotate-half needs no shuffle.
+* Causal masking skips every key block that lies entirely above the diagonal and masks only the
+  blocks that cross it (or the kv_lens boundary); fully visible blocks run without a mask.
+* A query row that sees no key writes 0 and a log-sum-exp of +1e30: finite, and large enough
+  that exp(s - lse) is exactly 0 for every score, so the backward gives it zero gradient
+  without NaN or Inf (FlashAttention-2 stores +inf there; we keep it finite).
+* The backward is deterministic: one kernel owns a key block and accumulates dk, dv over query
+  blocks; a second owns a query block and accumulates dq over key blocks. No atomics: fp32
+  atomic adds on dq would make gradients depend on scheduling order. The price is recomputing
+  the probabilities in both kernels.
+* fp32 inputs use IEEE fp32 dots unless ``torch.set_float32_matmul_precision`` allows TF32,
+  following PyTorch's own matmul rule.
+
+Head dims up to 256 are supported (any size; not-power-of-two dims are padded in registers).
+Block sizes are autotuned per (head dim, causal, RoPE, length bucket); under
+``TRITON_INTERPRET=1`` a fixed 16 x 16 config is used so CPU tests exercise multi-block loops.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastcap.ops.ref.rope import rope_cos_sin
+
+__all__ = ["attention", "attention_fwd", "attention_bwd", "EMPTY_ROW_LSE", "MAX_HEAD_DIM"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EMPTY_ROW_LSE = 1e30  # log-sum-exp stored for a query row that sees no key
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+# fmt: off
+# Argument lists are grouped by role (pointers, strides, sizes, constexprs) rather than one per
+# line: with ~30 arguments per kernel that is what keeps them readable.
+
+
+@triton.jit
+def _rope(x1, x2, COS, SIN, tab_rows, ok, d, HALF: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate halves (x1, x2), fp32 (R, BLOCK_H), by the angles at table rows tab_rows (R,).
+
+    Forward: (x1 c - x2 s, x2 c + x1 s). The gradient of a rotation is the inverse rotation,
+    the same with s negated.
+    """
+    offs = tab_rows[:, None] * HALF + d[None, :]
+    c = tl.load(COS + offs, mask=ok, other=0.0)
+    s = tl.load(SIN + offs, mask=ok, other=0.0)
+    if INVERSE:
+        s = -s
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _load_qk(base, rows, n_rows, stride_l, COS, SIN, tab_rows, d,
+             HALF1: tl.constexpr, HALF2: tl.constexpr, ROPE: tl.constexpr):
+    """Rows (R,) of a q or k slice at base ((L, D), row stride stride_l) as the halves
+    [0, HALF1) and [HALF1, D), each (R, BLOCK_H), rotated if ROPE. Rows >= n_rows read 0."""
+    ok = rows < n_rows
+    ok1 = ok[:, None] & (d[None, :] < HALF1)
+    ok2 = ok[:, None] & (d[None, :] < HALF2)
+    ptr = base + rows[:, None] * stride_l + d[None, :]
+    x1 = tl.load(ptr, mask=ok1, other=0.0)
+    x2 = tl.load(ptr + HALF1, mask=ok2, other=0.0)
+    if ROPE:
+        # Rotate in fp32 and round once, as the reference does before its matmul.
+        r1, r2 = _rope(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, tab_rows, ok1, d, HALF1,
+                       False)
+        x1 = r1.to(x1.dtype)
+        x2 = r2.to(x2.dtype)
+    return x1, x2
+
+
+@triton.jit
+def _store_grad(base, rows, n_rows, g1, g2, scale, COS, SIN, tab_rows, d,
+                HALF1: tl.constexpr, HALF2: tl.constexpr, ROPE: tl.constexpr):
+    """Store scale * (g1, g2), fp32 halves (R, BLOCK_H) of a gradient taken in the rotated
+    frame, into rows (R,) of the contiguous (L, D) slice at base, rotated back if ROPE."""
+    ok = rows < n_rows
+    ok1 = ok[:, None] & (d[None, :] < HALF1)
+    ok2 = ok[:, None] & (d[None, :] < HALF2)
+    g1 = g1 * scale
+    g2 = g2 * scale
+    if ROPE:
+        g1, g2 = _rope(g1, g2, COS, SIN, tab_rows, ok1, d, HALF1, True)
+    ptr = base + rows[:, None] * (HALF1 + HALF2) + d[None, :]
+    tl.store(ptr, g1.to(base.dtype.element_ty), mask=ok1)
+    tl.store(ptr + HALF1, g2.to(base.dtype.element_ty), mask=ok2)
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, stride_l, d, HEAD_DIM: tl.constexpr):
+    """Rows (R,) of a v / dO slice at base ((L, D), row stride stride_l) as (R, BLOCK_D)."""
+    ok = (rows[:, None] < n_rows) & (d[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_l + d[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m,
+               k_base,  # K at (b, h): (Lk, D), row stride stride_kl
+               v_base,  # V at (b, h): (Lk, D), row stride stride_vl
+               COS,  # (Lt, D/2) fp32 cos table
+               SIN,  # (Lt, D/2) fp32 sin table
+               stride_kl, stride_vl, lo, hi, n_valid, q_shift, rope_p0, qk_scale,
+               HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr,
+               CAUSAL: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED applies the causal and padding mask."""
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # Padding keys are never read (n_valid <= Lk), so they cannot leak NaN from memory.
+        k1, k2 = _load_qk(k_base, offs_n, n_valid, stride_kl, COS, SIN, offs_n - rope_p0, d_h,
+                          HALF1, HALF2, ROPE)
+        qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+        s = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PREC) * qk_scale  # log2 domain
+        if MASKED:
+            keep = offs_n[None, :] < n_valid
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + q_shift)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet has m = -inf: subtract 0 instead of inf - inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, n_valid, stride_vl, d_v, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,  # (B, H, Lq, D), strides (stride_qb, stride_qh, stride_ql, 1)
+    K,  # (B, H, Lk, D), strides (stride_kb, stride_kh, stride_kl, 1)
+    V,  # (B, H, Lk, D), strides (stride_vb, stride_vh, stride_vl, 1)
+    O,  # (B, H, Lq, D) contiguous, q's dtype
+    LSE,  # (B, H, Lq) fp32: natural-log log-sum-exp of each row's scaled, masked scores
+    KV_LENS,  # (B,) int32 valid keys per batch row; read only if HAS_KV_LENS
+    COS,  # (Lt, D/2) fp32 cos of positions rope_p0 .. rope_p0 + Lt - 1; read only if ROPE
+    SIN,  # (Lt, D/2) fp32 sin of the same positions; read only if ROPE
+    sm_scale, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, H, Lq, Lk, rope_p0,
+    lq_bucket, lk_bucket,  # powers of two of Lq, Lk: autotune keys only
+    HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_shift = Lk - Lq  # query i sits at position i + q_shift
+    n_valid = Lk
+    if HAS_KV_LENS:
+        n_valid = tl.minimum(tl.maximum(tl.load(KV_LENS + b), 0), Lk)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    q1, q2 = _load_qk(Q + b * stride_qb + h * stride_qh, offs_m, Lq, stride_ql, COS, SIN,
+                      offs_m + q_shift - rope_p0, d_h, HALF1, HALF2, ROPE)
+
+    # Keys [0, n_full) are visible to every row of this block: no mask. Keys [n_full, hi) cross
+    # the diagonal or the padding boundary: masked. Blocks from hi on are never visited.
+    hi = n_valid
+    n_full = n_valid
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + q_shift)
+        n_full = tl.minimum(n_full, start_m + 1 + q_shift)
+    hi = tl.maximum(hi, 0)
+    n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 is the native instruction
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, COS, SIN,
+                               stride_kl, stride_vl, 0, n_full, n_valid, q_shift, rope_p0,
+                               qk_scale, HEAD_DIM, HALF1, HALF2, CAUSAL, ROPE, False, DOT_PREC,
+                               BLOCK_N, BLOCK_H, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, COS, SIN,
+                               stride_kl, stride_vl, n_full, hi, n_valid, q_shift, rope_p0,
+                               qk_scale, HEAD_DIM, HALF1, HALF2, CAUSAL, ROPE, True, DOT_PREC,
+                               BLOCK_N, BLOCK_H, BLOCK_D)
+
+    empty = l_i == 0.0  # the row saw no key
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, 1e30, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row = (b * H + h) * Lq + offs_m
+    ok = offs_m < Lq
+    o_ptr = O + row[:, None] * HEAD_DIM + d_v[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=ok[:, None] & (d_v[None, :] < HEAD_DIM))
+    tl.store(LSE + row, lse, mask=ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O,  # (R, D) contiguous, R = B * H * Lq: the forward output
+    DO,  # (R, D) contiguous: the output gradient
+    DELTA,  # (R,) fp32 out: rowsum(dO * O), the softmax-backward correction
+    n_rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O, rows, n_rows, HEAD_DIM, d, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO, rows, n_rows, HEAD_DIM, d, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n,
+                    q_base,  # Q at (b, h): (Lq, D), row stride stride_ql
+                    do_base,  # dO at (b, h): (Lq, D) contiguous
+                    lse_base,  # LSE at (b, h): (Lq,) fp32
+                    delta_base,  # DELTA at (b, h): (Lq,) fp32
+                    COS,  # (Lt, D/2) fp32 cos table
+                    SIN,  # (Lt, D/2) fp32 sin table
+                    stride_ql, lo, hi, Lq, n_valid, q_shift, rope_p0, qk_scale,
+                    HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr,
+                    CAUSAL: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Accumulate dk, dv of one key block over query blocks [lo, hi)."""
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < Lq
+        q1, q2 = _load_qk(q_base, offs_m, Lq, stride_ql, COS, SIN, offs_m + q_shift - rope_p0,
+                          d_h, HALF1, HALF2, ROPE)
+        # Rows past Lq read q = dO = lse = delta = 0, so they add exactly 0 below.
+        do = _load_rows(do_base, offs_m, Lq, HEAD_DIM, d_v, HEAD_DIM)
+        lse2 = tl.load(lse_base + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
+        # Transposed scores (BLOCK_N, BLOCK_M), so dk and dv need no transpose of their own.
+        st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+        st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            keep = offs_n[:, None] < n_valid
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + q_shift)
+            st = tl.where(keep, st, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q1.dtype)
+        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+        dk2 = tl.dot(dst, q2, dk2, input_precision=DOT_PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q,  # (B, H, Lq, D), strides (stride_qb, stride_qh, stride_ql, 1)
+    K,  # (B, H, Lk, D), strides (stride_kb, stride_kh, stride_kl, 1)
+    V,  # (B, H, Lk, D), strides (stride_vb, stride_vh, stride_vl, 1)
+    DO,  # (B, H, Lq, D) contiguous
+    LSE,  # (B, H, Lq) fp32 from the forward
+    DELTA,  # (B, H, Lq) fp32 rowsum(dO * O)
+    DK,  # (B, H, Lk, D) contiguous out, k's dtype
+    DV,  # (B, H, Lk, D) contiguous out, v's dtype
+    KV_LENS,  # (B,) int32; read only if HAS_KV_LENS
+    COS,  # (Lt, D/2) fp32 cos table; read only if ROPE
+    SIN,  # (Lt, D/2) fp32 sin table; read only if ROPE
+    sm_scale, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, H, Lq, Lk, rope_p0,
+    lq_bucket, lk_bucket,  # powers of two of Lq, Lk: autotune keys only
+    HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    q_shift = Lk - Lq
+    n_valid = Lk
+    if HAS_KV_LENS:
+        n_valid = tl.minimum(tl.maximum(tl.load(KV_LENS + b), 0), Lk)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    k1, k2 = _load_qk(K + b * stride_kb + h * stride_kh, offs_n, Lk, stride_kl, COS, SIN,
+                      offs_n - rope_p0, d_h, HALF1, HALF2, ROPE)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, Lk, stride_vl, d_v, HEAD_DIM)
+
+    # Query blocks before lo see none of these keys (causal); those in [lo, m_full) cross the
+    # diagonal; those from m_full on see every key here, unless the block holds padding keys.
+    lo = 0
+    m_full = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - q_shift, 0) // BLOCK_M * BLOCK_M
+        m_full = (tl.maximum(start_n + BLOCK_N - 1 - q_shift, 0) + BLOCK_M - 1) // BLOCK_M
+        m_full = m_full * BLOCK_M
+    end = tl.where(start_n < n_valid, Lq, lo)  # a block of padding keys only: zero grads
+    m_full = tl.where(start_n + BLOCK_N <= n_valid, m_full, end)
+    m_full = tl.minimum(tl.maximum(m_full, lo), end)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + bh * Lq * HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, do_base,
+                                   LSE + bh * Lq, DELTA + bh * Lq, COS, SIN, stride_ql, lo,
+                                   m_full, Lq, n_valid, q_shift, rope_p0, qk_scale, HEAD_DIM,
+                                   HALF1, HALF2, CAUSAL, ROPE, True, DOT_PREC, BLOCK_M,
+                                   BLOCK_H, BLOCK_D)
+    dk1, dk2, dv = _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, q_base, do_base,
+                                   LSE + bh * Lq, DELTA + bh * Lq, COS, SIN, stride_ql, m_full,
+                                   end, Lq, n_valid, q_shift, rope_p0, qk_scale, HEAD_DIM,
+                                   HALF1, HALF2, CAUSAL, ROPE, False, DOT_PREC, BLOCK_M,
+                                   BLOCK_H, BLOCK_D)
+
+    _store_grad(DK + bh * Lk * HEAD_DIM, offs_n, Lk, dk1, dk2, sm_scale, COS, SIN,
+                offs_n - rope_p0, d_h, HALF1, HALF2, ROPE)
+    ok = (offs_n[:, None] < Lk) & (d_v[None, :] < HEAD_DIM)
+    dv_ptr = DV + (bh * Lk + offs_n)[:, None] * HEAD_DIM + d_v[None, :]
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, offs_m,
+                  k_base,  # K at (b, h): (Lk, D), row stride stride_kl
+                  v_base,  # V at (b, h): (Lk, D), row stride stride_vl
+                  COS,  # (Lt, D/2) fp32 cos table
+                  SIN,  # (Lt, D/2) fp32 sin table
+                  stride_kl, stride_vl, lo, hi, n_valid, q_shift, rope_p0, qk_scale,
+                  HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr,
+                  CAUSAL: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Accumulate dq of one query block over key blocks [lo, hi)."""
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k1, k2 = _load_qk(k_base, offs_n, n_valid, stride_kl, COS, SIN, offs_n - rope_p0, d_h,
+                          HALF1, HALF2, ROPE)
+        v = _load_rows(v_base, offs_n, n_valid, stride_vl, d_v, HEAD_DIM)
+        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < n_valid
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + q_shift)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q,  # (B, H, Lq, D), strides (stride_qb, stride_qh, stride_ql, 1)
+    K,  # (B, H, Lk, D), strides (stride_kb, stride_kh, stride_kl, 1)
+    V,  # (B, H, Lk, D), strides (stride_vb, stride_vh, stride_vl, 1)
+    DO,  # (B, H, Lq, D) contiguous
+    LSE,  # (B, H, Lq) fp32 from the forward
+    DELTA,  # (B, H, Lq) fp32 rowsum(dO * O)
+    DQ,  # (B, H, Lq, D) contiguous out, q's dtype
+    KV_LENS,  # (B,) int32; read only if HAS_KV_LENS
+    COS,  # (Lt, D/2) fp32 cos table; read only if ROPE
+    SIN,  # (Lt, D/2) fp32 sin table; read only if ROPE
+    sm_scale, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl, H, Lq, Lk, rope_p0,
+    lq_bucket, lk_bucket,  # powers of two of Lq, Lk: autotune keys only
+    HEAD_DIM: tl.constexpr, HALF1: tl.constexpr, HALF2: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
+    q_shift = Lk - Lq
+    n_valid = Lk
+    if HAS_KV_LENS:
+        n_valid = tl.minimum(tl.maximum(tl.load(KV_LENS + b), 0), Lk)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    d_h = tl.arange(0, BLOCK_H)
+    d_v = tl.arange(0, BLOCK_D)
+    q1, q2 = _load_qk(Q + b * stride_qb + h * stride_qh, offs_m, Lq, stride_ql, COS, SIN,
+                      offs_m + q_shift - rope_p0, d_h, HALF1, HALF2, ROPE)
+    row = bh * Lq + offs_m
+    q_ok = offs_m < Lq
+    do = _load_rows(DO + bh * Lq * HEAD_DIM, offs_m, Lq, HEAD_DIM, d_v, HEAD_DIM)
+    lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+
+    hi = n_valid  # the same key ranges as the forward
+    n_full = n_valid
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + q_shift)
+        n_full = tl.minimum(n_full, start_m + 1 + q_shift)
+    hi = tl.maximum(hi, 0)
+    n_full = tl.maximum(n_full, 0) // BLOCK_N * BLOCK_N
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, offs_m, k_base, v_base, COS,
+                             SIN, stride_kl, stride_vl, 0, n_full, n_valid, q_shift, rope_p0,
+                             qk_scale, HEAD_DIM, HALF1, HALF2, CAUSAL, ROPE, False, DOT_PREC,
+                             BLOCK_N, BLOCK_H, BLOCK_D)
+    dq1, dq2 = _bwd_dq_inner(dq1, dq2, q1, q2, do, lse2, delta, offs_m, k_base, v_base, COS,
+                             SIN, stride_kl, stride_vl, n_full, hi, n_valid, q_shift, rope_p0,
+                             qk_scale, HEAD_DIM, HALF1, HALF2, CAUSAL, ROPE, True, DOT_PREC,
+                             BLOCK_N, BLOCK_H, BLOCK_D)
+    _store_grad(DQ + bh * Lq * HEAD_DIM, offs_m, Lq, dq1, dq2, sm_scale, COS, SIN,
+                offs_m + q_shift - rope_p0, d_h, HALF1, HALF2, ROPE)
+
+
+# fmt: on
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim the tile is for). Small BLOCK_M
+# serves decoding (Lq = 1) and short captions; 128-row tiles serve long sequences. The head-dim
+# limits come from compiling for sm_90 (Triton 3.8) and reading register use and spills with
+# cuobjdump: tiles past their limit spill. Timing them needs a GPU; that tuning is still open.
+_FWD_SHAPES = [
+    (16, 64, 4, 2, 256),
+    (32, 32, 4, 2, 256),
+    (32, 64, 4, 3, 64),
+    (64, 64, 4, 3, 64),
+    (128, 32, 8, 3, 256),
+    (128, 64, 8, 3, 128),
+    (128, 128, 8, 3, 64),
+]
+# dk/dv: one program per key block (BLOCK_N) streams query blocks (BLOCK_M), so BLOCK_M is small.
+_DKDV_SHAPES = [
+    (16, 32, 4, 2, 256),
+    (16, 64, 4, 2, 64),
+    (32, 64, 4, 2, 64),
+    (16, 128, 8, 2, 64),
+    (32, 128, 8, 2, 64),
+    (16, 64, 8, 2, 128),
+    (32, 64, 8, 2, 128),
+]
+# dq: one program per query block (BLOCK_M) streams key blocks (BLOCK_N), so BLOCK_N is small.
+_DQ_SHAPES = [
+    (16, 32, 4, 2, 256),
+    (32, 16, 4, 2, 256),
+    (64, 16, 4, 2, 64),
+    (64, 32, 4, 2, 64),
+    (64, 16, 8, 2, 128),
+    (128, 16, 8, 2, 128),
+    (128, 32, 8, 2, 64),
+]
+_INTERPRET_BLOCKS = (16, 16)  # fixed under TRITON_INTERPRET=1: forces multi-block loops on CPU
+
+
+def _configs(shapes):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s, _ in shapes
+    ]
+
+
+def _pruner(shapes):
+    """Early pruning: drop tiles far longer than the sequence or past their head-dim limit."""
+    max_d = {(m, n, w, s): d for m, n, w, s, d in shapes}
+
+    def prune(configs, named_args, **kwargs):
+        lq, lk = named_args["lq_bucket"], named_args["lk_bucket"]
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        fits = [c for c in configs if d <= max_d[key(c)]] or configs
+        kept = [
+            c
+            for c in fits
+            if c.kwargs["BLOCK_M"] <= max(16, lq) and c.kwargs["BLOCK_N"] <= max(16, lk)
+        ]
+        return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+def _tuned(kernel, shapes):
+    # Every kernel here writes each output element exactly once (no atomics, no accumulation
+    # into its outputs), so the autotuner may rerun it without resetting anything.
+    key = ["HEAD_DIM", "CAUSAL", "ROPE", "HAS_KV_LENS", "lq_bucket", "lk_bucket"]
+    prune = {"early_config_prune": _pruner(shapes)}
+    return triton.autotune(_configs(shapes), key=key, prune_configs_by=prune)(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_SHAPES)
+_dkdv_tuned = _tuned(_bwd_dkdv_kernel, _DKDV_SHAPES)
+_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_SHAPES)
+
+
+def _bucket(n: int) -> int:
+    """Length bucket for autotuning: powers of two, so decoding does not retune every step."""
+    return min(triton.next_power_of_2(max(n, 1)), 8192)
+
+
+@lru_cache(maxsize=32)
+def _rope_table(p0: int, n: int, half: int, theta: float, device: torch.device):
+    """fp32 (n, half) cos and sin of positions p0 .. p0 + n - 1, from fp64 like the reference."""
+    cos, sin = rope_cos_sin(torch.arange(p0, p0 + n, device=device), 2 * half, theta)
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def _check(q: Tensor, rope_theta: float | None) -> None:
+    D = q.shape[-1]
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"triton attention: dtype must be fp16, bf16 or fp32; got {q.dtype}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention: head dim {D} > {MAX_HEAD_DIM} is not supported")
+    if rope_theta is not None and D % 2:
+        raise ValueError(f"triton attention: rope_theta needs an even head dim, got D={D}")
+
+
+def _launch_args(q, k, v, causal, kv_lens, rope_theta, scale):
+    """(positional arguments after the tensors, constexpr keywords) shared by the kernels."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    p0 = min(0, Lk - Lq)  # the first query position; negative when Lq > Lk
+    if rope_theta is not None:
+        n_tab = triton.next_power_of_2(Lk - p0)  # rounded up so decoding reuses one table
+        cos, sin = _rope_table(p0, n_tab, D // 2, float(rope_theta), q.device)
+    else:
+        cos = sin = q  # never read
+    lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else q
+    sm_scale = float(scale) if scale is not None else D**-0.5
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    args = (lens, cos, sin, sm_scale, *strides, H, Lq, Lk, p0, _bucket(Lq), _bucket(Lk))
+    half1 = (D + 1) // 2  # without RoPE an odd D splits unevenly, which is harmless
+    fp32_ieee = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    meta = {
+        "HEAD_DIM": D,
+        "HALF1": half1,
+        "HALF2": D - half1,
+        "CAUSAL": bool(causal),
+        "HAS_KV_LENS": kv_lens is not None,
+        "ROPE": rope_theta is not None,
+        "DOT_PREC": "ieee" if fp32_ieee else "tf32",  # ignored for 16-bit inputs
+        "BLOCK_H": max(16, triton.next_power_of_2(half1)),
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+    }
+    return args, meta
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    kv_lens: Tensor | None = None,
+    rope_theta: float | None = None,
+    scale: float | None = None,
+    blocks: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward launcher: the attention output and the log-sum-exp saved for backward.
+
+    Args: as :func:`attention`; ``blocks`` = (BLOCK_M, BLOCK_N) bypasses autotuning (tests,
+    single-tile benchmarks).
+
+    Returns:
+        out (B, H, Lq, D) in q's dtype; lse (B, H, Lq) fp32, the natural-log log-sum-exp of each
+        row's scaled, masked scores, or EMPTY_ROW_LSE (1e30) for a row that sees no key (its
+        output is 0).
+    """
+    _check(q, rope_theta)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, H, Lq, D = q.shape
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    args, meta = _launch_args(q, k, v, causal, kv_lens, rope_theta, scale)
+    blocks = blocks or (_INTERPRET_BLOCKS if _INTERPRET else None)
+    if blocks is not None:
+        bm, bn = blocks
+        grid = (triton.cdiv(Lq, bm), H, B)
+        _fwd_kernel[grid](q, k, v, out, lse, *args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        grid = lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), H, B)
+        _fwd_tuned[grid](q, k, v, out, lse, *args, **meta)
+    return out, lse
+
+
+def attention_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    causal: bool = False,
+    kv_lens: Tensor | None = None,
+    rope_theta: float | None = None,
+    scale: float | None = None,
+    blocks: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward launcher: (dq, dk, dv), contiguous, in the shapes and dtypes of q, k, v.
+
+    Args: ``do`` (B, H, Lq, D) the output gradient; ``out`` and ``lse`` from
+    :func:`attention_fwd`; the rest exactly as given to it. ``blocks`` = (BLOCK_M, BLOCK_N)
+    bypasses autotuning.
+    """
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    do = do.contiguous()
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    rows, bd = B * H * Lq, max(16, triton.next_power_of_2(D))
+    bm_delta = 16 if _INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(rows, bm_delta),)](
+        out, do, delta, rows, HEAD_DIM=D, BLOCK_M=bm_delta, BLOCK_D=bd
+    )
+    args, meta = _launch_args(q, k, v, causal, kv_lens, rope_theta, scale)
+    blocks = blocks or (_INTERPRET_BLOCKS if _INTERPRET else None)
+    if blocks is not None:
+        bm, bn = blocks
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+        dkdv, dq_k = _bwd_dkdv_kernel, _bwd_dq_kernel
+        grid_kv, grid_q = (triton.cdiv(Lk, bn), H, B), (triton.cdiv(Lq, bm), H, B)
+    else:
+        tile = {}
+        dkdv, dq_k = _dkdv_tuned, _dq_tuned
+        grid_kv = lambda m: (triton.cdiv(Lk, m["BLOCK_N"]), H, B)
+        grid_q = lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), H, B)
+    dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, *args, **meta, **tile)
+    dq_k[grid_q](q, k, v, do, lse, delta, dq, *args, **meta, **tile)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, kv_lens, rope_theta, scale):
+        out, lse = attention_fwd(
+            q, k, v, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+        ctx.opts = {"causal": causal, "rope_theta": rope_theta, "scale": scale}
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, kv_lens = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, kv_lens=kv_lens, **ctx.opts)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    kv_lens: Tensor | None = None,
+    rope_theta: float | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Fused attention; see :func:`fastcap.ops.attention` for the contract.
+
+    Args:
+        q: (B, H, Lq, D) fp16, bf16 or fp32, D <= 256; any strides with the last dim contiguous.
+        k, v: (B, H, Lk, D), same dtype and device.
+        causal: query i sees keys j <= i + (Lk - Lq).
+        kv_lens: (B,) integer; keys j >= kv_lens[b] are padding.
+        rope_theta: rotate q and k (NeoX rotate-half) in the kernel; key j at position j,
+            query i at i + (Lk - Lq).
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, H, Lq, D) in q's dtype; rows that see no key are 0, and their gradients are 0.
+    """
+    return _Attention.apply(q, k, v, causal, kv_lens, rope_theta, scale)
