@@ -16,10 +16,21 @@ import pytest  # noqa: E402
 
 # A run small enough for a test: 32 px shapes, a 1+1+1-layer model of width 64.
 TINY_OVERRIDES = [
-    "model.image_size=32", "model.width=64", "model.heads=4", "model.encoder_layers=1",
-    "model.unimodal_layers=1", "model.multimodal_layers=1", "model.embed_dim=32",
-    "model.max_len=24", "data.vocab_size=64", "batch_size=16", "eval_samples=8",
-    "data.eval_splits=test", "log_every=5", "diag_every=10", "optim.warmup_steps=5",
+    "model.image_size=32",
+    "model.width=64",
+    "model.heads=4",
+    "model.encoder_layers=1",
+    "model.unimodal_layers=1",
+    "model.multimodal_layers=1",
+    "model.embed_dim=32",
+    "model.max_len=24",
+    "data.vocab_size=64",
+    "batch_size=16",
+    "eval_samples=8",
+    "data.eval_splits=test",
+    "log_every=5",
+    "diag_every=10",
+    "optim.warmup_steps=5",
     "num_samples=2",
 ]
 
@@ -35,6 +46,5 @@ def tiny_shapes(tmp_path_factory):
     from fastcap.data.shapes import generate
 
     out = tmp_path_factory.mktemp("data") / "shapes"
-    generate(out, train=96, val=16, test=16, compositional=16, size=32, seed=0,
-             progress=False)
+    generate(out, train=96, val=16, test=16, compositional=16, size=32, seed=0, progress=False)
     return out

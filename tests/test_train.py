@@ -12,26 +12,32 @@ import pytest
 import torch
 
 
-
 def run_train(args, env=None, timeout=600):
     e = dict(os.environ)
     e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref"})
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "fastcap.cli.train", "--no-progress",
-                           "--wandb", "disabled", *args], capture_output=True, text=True,
-                          env=e, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fastcap.cli.train", "--no-progress", "--wandb", "disabled", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--preset", "shapes-tin"], "did you mean 'shapes-tiny'"),
-    (["model.widht=64"], "did you mean 'model.width'"),
-    (["--data", "shapes:/nonexistent/folder"], "fastcap-data shapes --out"),
-    (["--data", "webcam:/x"], "unknown kind 'webcam'"),
-    (["tf.schedule=cosine"], "constant, linear or inverse_sigmoid"),
-    (["model.heads=5"], "divisible by heads"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--preset", "shapes-tin"], "did you mean 'shapes-tiny'"),
+        (["model.widht=64"], "did you mean 'model.width'"),
+        (["--data", "shapes:/nonexistent/folder"], "fastcap-data shapes --out"),
+        (["--data", "webcam:/x"], "unknown kind 'webcam'"),
+        (["tf.schedule=cosine"], "constant, linear or inverse_sigmoid"),
+        (["model.heads=5"], "divisible by heads"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     r = run_train(["--out", str(tmp_path / "run"), *args])
     assert r.returncode == 2, r.stderr
@@ -42,8 +48,10 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
 
 
 def test_batch_not_dividing_ranks_and_bad_resume(tiny_shapes, tmp_path):
-    r = run_train(["--data", f"shapes:{tiny_shapes}", "--out", str(tmp_path / "r"),
-                   "batch_size=15"], env={"WORLD_SIZE": "2"})
+    r = run_train(
+        ["--data", f"shapes:{tiny_shapes}", "--out", str(tmp_path / "r"), "batch_size=15"],
+        env={"WORLD_SIZE": "2"},
+    )
     assert r.returncode == 2 and "does not divide across 2 ranks" in r.stderr
     (tmp_path / "notarun").mkdir()
     r = run_train(["--resume", str(tmp_path / "notarun")])
@@ -54,11 +62,16 @@ def test_batch_not_dividing_ranks_and_bad_resume(tiny_shapes, tmp_path):
 def test_train_resume_and_run_folder(tiny_shapes, tiny_overrides, tmp_path):
     out = tmp_path / "run"
     common = ["--data", f"shapes:{tiny_shapes}", "--out", str(out), *tiny_overrides]
-    r = run_train([*common, "--steps", "12", "save_every=6", "tf.schedule=linear",
-                   "tf.end=0.5"])
+    r = run_train([*common, "--steps", "12", "save_every=6", "tf.schedule=linear", "tf.end=0.5"])
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("config.json", "tokenizer.json", "model.pt", "metrics.json",
-                 "captions_test.json", "train_log.jsonl"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "model.pt",
+        "metrics.json",
+        "captions_test.json",
+        "train_log.jsonl",
+    ):
         assert (out / name).is_file(), name
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [int(x["step"]) for x in log] == [5, 10, 12]
@@ -84,13 +97,30 @@ def test_train_resume_and_run_folder(tiny_shapes, tiny_overrides, tmp_path):
 def test_memory_is_flat(tiny_shapes, tiny_overrides, tmp_path):
     """RSS at step 300 within 5% of step 50: nothing that holds a graph outlives its step."""
     out = tmp_path / "run"
-    r = run_train(["--data", f"shapes:{tiny_shapes}", "--out", str(out), *tiny_overrides,
-                   "--steps", "300", "log_every=10", "diag_every=50", "eval_every=100000",
-                   "save_every=100000", "data.eval_splits=", "tf.schedule=constant",
-                   "tf.start=0.8"], timeout=900)
+    r = run_train(
+        [
+            "--data",
+            f"shapes:{tiny_shapes}",
+            "--out",
+            str(out),
+            *tiny_overrides,
+            "--steps",
+            "300",
+            "log_every=10",
+            "diag_every=50",
+            "eval_every=100000",
+            "save_every=100000",
+            "data.eval_splits=",
+            "tf.schedule=constant",
+            "tf.start=0.8",
+        ],
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    log = {int(x["step"]): x for x in map(json.loads, (out / "train_log.jsonl").read_text()
-                                          .splitlines())}
+    log = {
+        int(x["step"]): x
+        for x in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+    }
     m50, m300 = log[50]["mem/rss_mib"], log[300]["mem/rss_mib"]
     assert m300 <= 1.05 * m50, (m50, m300)
     if torch.cuda.is_available():
@@ -106,25 +136,57 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_partition_learn_and_match_one(tiny_shapes, tiny_overrides,
-                                                           tmp_path):
+def test_zero3_two_processes_partition_learn_and_match_one(tiny_shapes, tiny_overrides, tmp_path):
     """Two CPU ranks (gloo): parameters really partitioned, the loss falls, and the first
     steps match a world of one on the same global batch (GroupNorm trunk: BatchNorm would
     see half the batch per rank and legitimately differ)."""
-    common = ["--data", f"shapes:{tiny_shapes}", *tiny_overrides, "model.trunk_norm=group",
-              "zero_persistence_threshold=0", "log_every=1", "eval_every=100000",
-              "save_every=100000", "data.eval_splits=", "optim.lr=3e-3",
-              "tf.schedule=constant", "tf.start=1.0", "diag_every=0"]
+    common = [
+        "--data",
+        f"shapes:{tiny_shapes}",
+        *tiny_overrides,
+        "model.trunk_norm=group",
+        "zero_persistence_threshold=0",
+        "log_every=1",
+        "eval_every=100000",
+        "save_every=100000",
+        "data.eval_splits=",
+        "optim.lr=3e-3",
+        "tf.schedule=constant",
+        "tf.start=1.0",
+        "diag_every=0",
+    ]
     e = dict(os.environ)
     e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref", "OMP_NUM_THREADS": "1"})
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     two = tmp_path / "two"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
-         "fastcap.cli.train", "--no-progress", "--wandb", "disabled", "--out", str(two),
-         "--steps", "18", *common], capture_output=True, text=True, env=e, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "fastcap.cli.train",
+            "--no-progress",
+            "--wandb",
+            "disabled",
+            "--out",
+            str(two),
+            "--steps",
+            "18",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=900,
+    )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     log2 = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]
     share = log2[0]["zero/param_share"]

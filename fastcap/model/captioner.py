@@ -130,7 +130,8 @@ class Captioner(nn.Module):
             # negatives from every rank's texts; x world because the engine averages gradients
             # over ranks, so each rank's term weighs like the single-process loss
             clip = world * siglip_loss_distributed(
-                img_n, txt_n, self.logit_scale[0], self.logit_bias[0])
+                img_n, txt_n, self.logit_scale[0], self.logit_bias[0]
+            )
         else:
             clip = siglip_loss(img_n, txt_n, self.logit_scale[0], self.logit_bias[0])
         loss = ce + cfg.lambda_clip * clip + cfg.lambda_aux * aux
