@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from fastcap.data.karpathy import DataError
@@ -55,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     try:
-        cfg = build(args.preset, args.config, overrides)
-        from fastcap.train.loop import Trainer
+        base = None
+        if args.resume:  # continue with the run's own config; overrides still apply on top
+            from fastcap.train.loop import check_run_dir
+
+            base = json.loads((check_run_dir(args.resume) / "config.json").read_text())
+        cfg = build(args.preset, args.config, overrides, base=base)
+        from fastcap.train.loop import NonFiniteError, Trainer
 
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, DataError) as e:
@@ -69,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"fastcap-train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"fastcap-train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

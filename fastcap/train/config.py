@@ -108,6 +108,12 @@ class TrainConfig:
     """Log scalars every N steps."""
     diag_every: int = 100
     """Log the instruments (activation RMS, attention/router entropy) every N steps."""
+    max_bad_steps: int = 10
+    """Stop (with a checkpoint of the last good state) after this many consecutive steps whose
+    loss was non-finite; each such step is skipped and logged."""
+    inject_nan_steps: list[int] = field(default_factory=list)
+    """Testing aid: steps (1-based) whose input images are replaced by NaN, to exercise the
+    non-finite guard. Empty in real runs."""
     wandb: str = "offline"
     """Weights & Biases mode: online | offline | disabled."""
     wandb_project: str = "fastcap"
@@ -279,10 +285,14 @@ def load_file(path: str | Path) -> dict:
 
 
 def build(
-    name: str = "shapes-tiny", file: str | None = None, overrides: list[str] | None = None
+    name: str = "shapes-tiny",
+    file: str | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
 ) -> TrainConfig:
-    """Preset, then the file, then ``key=value`` overrides; validated."""
-    cfg = preset(name)
+    """Preset (or ``base``, the saved config of a run being resumed), then the file, then
+    ``key=value`` overrides; validated."""
+    cfg = from_dict(base) if base is not None else preset(name)
     if file:
         apply_dict(cfg, load_file(file))
     for item in overrides or []:

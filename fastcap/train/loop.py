@@ -27,7 +27,7 @@ from fastcap.data.karpathy import load_records, parse_spec
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import Captioner, MoE, param_count
 from fastcap.train import engine as eng
-from fastcap.train.config import ConfigError, TrainConfig, from_dict, to_dict
+from fastcap.train.config import ConfigError, TrainConfig, to_dict
 from fastcap.train.evaluate import caption_split, score
 from fastcap.train.teacher_forcing import tf_prob
 
@@ -67,6 +67,10 @@ def check_run_dir(path: str | Path) -> Path:
     return p
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, progress: bool = True):
         self.cfg = cfg
@@ -79,9 +83,7 @@ class Trainer:
                 raise ConfigError(
                     f"{self.resume} has no checkpoint to resume from (checkpoints/latest missing)"
                 )
-            saved = from_dict(json.loads((self.resume / "config.json").read_text()))
-            saved.out = str(self.resume)
-            self.cfg = cfg = saved
+            cfg.out = str(self.resume)
         self.kind, self.ann, self.image_root = parse_spec(cfg.data.data, cfg.data.image_root)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.batch_size % (world * cfg.grad_accum):
@@ -165,6 +167,7 @@ class Trainer:
         self.param_share = eng.partition_fraction(self.engine)
         self.tf_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.step, self.epoch, self.batch_pos = 0, 0, 0
+        self._fault_streak = 0
         if self.resume is not None:
             self._load_checkpoint()
         self.wandb = self._init_wandb() if self.is_main else None
@@ -253,6 +256,11 @@ class Trainer:
                 print(f"\ninterrupted at step {self.step}: saving a checkpoint", file=sys.stderr)
             self.save_checkpoint()
             raise
+        except NonFiniteError:
+            self.step += 1  # the failed step consumed its batch: resume after it
+            self.batch_pos += 1
+            self.save_checkpoint()
+            raise
         self.save_checkpoint()
         metrics = self.final_eval()
         if self.wandb is not None:
@@ -338,24 +346,54 @@ class Trainer:
         n = len(batch.ids)
         micro = n // cfg.grad_accum
         logs: dict = {}
+        skipped = 0
         for a in range(cfg.grad_accum):
             sl = slice(a * micro, (a + 1) * micro)
             lens = batch.lens[sl]
             L = int(lens.max())
             images = normalize(batch.images[sl].to(self.device, non_blocking=True))
+            if self.step + 1 in cfg.inject_nan_steps:
+                images = images * float("nan")
             tokens = batch.tokens[sl, :L].to(self.device)
             lens = lens.to(self.device)
             out = self.engine(
                 images, tokens, lens, tf_p=p, generator=self.tf_gen, capture=capture and a == 0
             )
-            self.engine.backward(out["loss"])
-            self.engine.step()
+            # every rank must agree to skip, or the collectives of backward would deadlock
+            bad = torch.tensor([0.0 if torch.isfinite(out["loss"]).item() else 1.0])
+            if self.world > 1:
+                torch.distributed.all_reduce(bad)
+            if bad.item() > 0:
+                skipped += 1
+                terms = {k: float(out[k]) for k in ("ce", "clip", "aux")}
+                log.warning(
+                    "step %d: non-finite loss %s; micro-batch skipped", self.step + 1, terms
+                )
+            else:
+                self.engine.backward(out["loss"])
+                self.engine.step()
             # keep numbers, never the graph: nothing that holds it outlives the step
             for k, v in out.items():
                 if k != "loss":
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
             logs["loss"] = logs.get("loss", 0.0) + float(out["loss"].detach()) / cfg.grad_accum
             del out
+        logs["fault/skipped"] = float(skipped)
+        self._fault_streak = self._fault_streak + 1 if skipped else 0
+        if skipped and self.is_main:
+            self._log_line(
+                {
+                    "step": self.step + 1,
+                    "fault/skipped": float(skipped),
+                    **{f"fault/{k}": logs[k] for k in ("ce", "clip", "aux")},
+                }
+            )
+        if self._fault_streak >= cfg.max_bad_steps:
+            raise NonFiniteError(
+                f"{self._fault_streak} consecutive steps had a non-finite loss (last at step "
+                f"{self.step + 1}); stopped with a checkpoint of the last good state in "
+                f"{self._ckpt_dir()}; lower optim.lr or check the data"
+            )
         logs["tf_p"] = p
         if self.world > 1:  # log the mean over ranks, not rank 0's share
             keys = [k for k in ("loss", "ce", "clip", "aux", "tf_pred") if k in logs]
@@ -395,7 +433,8 @@ class Trainer:
     def eval_model(self) -> Captioner:
         """A plain (hook-free) copy of the current weights for decoding; collective call."""
         state = self._full_state()
-        m = Captioner(self.cfg.model).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
+            m = Captioner(self.cfg.model).to(self.device)
         m.load_state_dict(state)
         return m.eval()
 
