@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,21 @@ def test_zero3_two_processes_partition_learn_and_match_one(tiny_shapes, tiny_ove
         # ranks average per-rank token means (token counts differ slightly between halves)
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=2e-2), (a, b)
         assert a["loss/clip"] == pytest.approx(b["loss/clip"], rel=2e-2), (a, b)
+
+
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FLICKR.is_dir(), reason=f"shared Flickr photos not found at {FLICKR}")
+def test_trains_on_real_flickr_photos(tiny_overrides, tmp_path):
+    """End to end on real JPEGs of many sizes through --data folder:..."""
+    out = tmp_path / "flickr"
+    r = run_train(["--data", f"folder:{FLICKR}", "--out", str(out), *tiny_overrides,
+                   "data.vocab_size=300", "--steps", "4", "eval_samples=8", "eval_every=2",
+                   "data.eval_splits=test"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["data/bad_records"] == 0.0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["images"] > 10 and "CIDEr-D" in metrics["test"]

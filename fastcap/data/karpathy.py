@@ -1,5 +1,14 @@
 """Karpathy-split JSON (``dataset_coco.json`` layout, which the shapes data uses too) and the
-``kind:path`` data spec the trainer and the CLIs share."""
+``kind:path`` data spec the trainer and the CLIs share.
+
+Kinds (the readers of the other formats live in :mod:`fastcap.data.sources`)::
+
+    shapes:DIR                    DIR/dataset.json written by `fastcap-data shapes`
+    karpathy:FILE                 dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json
+    coco:FILE[=SPLIT][,FILE...]   official captions_*.json (images + annotations)
+    folder:DIR                    images + captions.csv / captions.txt / captions.jsonl
+    wds:PATTERN                   webdataset tar shards, e.g. shards/train-{000000..000099}.tar
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("shapes", "karpathy")
+KINDS = ("shapes", "karpathy", "coco", "folder", "wds")
+# the caption files a folder dataset may hold, in the order they are looked for
+FOLDER_CAPTIONS = ("captions.csv", "captions.txt", "captions.jsonl")
 
 
 class DataError(ValueError):
@@ -44,6 +55,39 @@ def parse_spec(spec: str, image_root: str | None = None) -> tuple[str, Path, Pat
                 f"`fastcap-data shapes --out {p}`"
             )
         return kind, ann, Path(image_root) if image_root else p
+    if kind == "coco":
+        from fastcap.data.sources import coco_files
+
+        files = coco_files(spec, image_root)  # checks every file exists; DataError otherwise
+        return kind, files[0][0], files[0][2]
+    if kind == "folder":
+        if not p.is_dir():
+            raise DataError(
+                f"--data {spec!r}: {p} is not a folder (a folder of images with a "
+                f"{' / '.join(FOLDER_CAPTIONS)} file of image,caption rows)"
+            )
+        ann = next((p / n for n in FOLDER_CAPTIONS if (p / n).is_file()), None)
+        if ann is None:
+            raise DataError(
+                f"--data {spec!r}: no captions file in {p}; expected one of "
+                f"{', '.join(FOLDER_CAPTIONS)} (CSV rows image,caption or JSONL "
+                '{"image": ..., "caption": ...})'
+            )
+        if image_root:
+            return kind, ann, Path(image_root)
+        return kind, ann, p / "images" if (p / "images").is_dir() else p
+    if kind == "wds":
+        from fastcap.data.wds import expand_shards
+
+        # a pattern with {split} may hold only some splits (eval-only shards); one must exist
+        for split in ("train", "val", "test"):
+            try:
+                shards = expand_shards(path, split, spec=spec)
+                return kind, Path(shards[0]), Path(shards[0]).parent
+            except DataError:
+                if split == "test" or "{split}" not in path:
+                    raise
+
     if not p.is_file():
         raise DataError(
             f"--data {spec!r}: {p} not found (a Karpathy-split JSON such as dataset_coco.json)"

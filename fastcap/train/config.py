@@ -24,7 +24,13 @@ class DataConfig:
     """Where the captions and images come from."""
 
     data: str = "shapes:data/shapes"
-    """Dataset as kind:path (shapes:DIR or karpathy:FILE; see fastcap.data)."""
+    """Dataset as kind:path: shapes:DIR, karpathy:FILE, coco:FILE[=SPLIT][,...], folder:DIR,
+    wds:PATTERN (see fastcap.data.sources)."""
+    in_memory: bool | None = None
+    """Decode the training split into memory (None: in memory up to 50k images, streamed
+    through DataLoader workers above)."""
+    max_bad_fraction: float = 0.01
+    """Stop with an error when more than this share of records is unreadable or empty."""
     image_root: str | None = None
     """Image folder for karpathy/coco data when it is not beside the annotation file."""
     train_split: str = "train"

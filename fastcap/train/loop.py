@@ -23,7 +23,7 @@ import torch
 
 from fastcap.data.captionset import Batch, CaptionSet
 from fastcap.data.images import normalize
-from fastcap.data.karpathy import load_records, parse_spec
+from fastcap.data.sources import check_spec, load_split_records, open_split
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import Captioner, MoE, param_count
 from fastcap.train import engine as eng
@@ -84,7 +84,7 @@ class Trainer:
                     f"{self.resume} has no checkpoint to resume from (checkpoints/latest missing)"
                 )
             cfg.out = str(self.resume)
-        self.kind, self.ann, self.image_root = parse_spec(cfg.data.data, cfg.data.image_root)
+        check_spec(cfg.data.data, cfg.data.image_root)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ConfigError(
@@ -109,9 +109,10 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
         self.out.mkdir(parents=True, exist_ok=True)
         bar = self.progress and self.is_main
-        train_recs = load_records(self.ann, self.image_root, cfg.data.train_split)
+        dc = cfg.data
+        train_recs = load_split_records(dc.data, dc.train_split, dc.image_root)
         if not train_recs:
-            raise ConfigError(f"{self.ann}: no images in split {cfg.data.train_split!r}")
+            raise ConfigError(f"{dc.data}: no images in split {dc.train_split!r}")
         tok_path = self.out / "tokenizer.json"
         if self.resume is None:
             if self.is_main:
@@ -126,22 +127,19 @@ class Trainer:
         mc.vocab_size, mc.pad_id = self.tok.vocab_size, self.tok.pad_id
         mc.bos_id, mc.eos_id = self.tok.bos_id, self.tok.eos_id
         t0 = time.time()
-        self.train = CaptionSet(
-            train_recs, self.tok, mc.image_size, mc.max_len, progress=bar, name=cfg.data.train_split
+        common = dict(
+            image_root=dc.image_root,
+            tokenizer=self.tok,
+            image_size=mc.image_size,
+            max_len=mc.max_len,
+            progress=bar,
+            max_bad_fraction=dc.max_bad_fraction,
         )
-        val_recs = load_records(self.ann, self.image_root, cfg.data.val_split)
-        self.val = (
-            CaptionSet(
-                val_recs[: cfg.eval_samples],
-                self.tok,
-                mc.image_size,
-                mc.max_len,
-                progress=bar,
-                name=cfg.data.val_split,
-            )
-            if val_recs
-            else None
+        self.train = open_split(
+            dc.data, dc.train_split, in_memory=dc.in_memory, num_workers=dc.num_workers, **common
         )
+        has_val = bool(load_split_records(dc.data, dc.val_split, dc.image_root))
+        self.val = open_split(dc.data, dc.val_split, in_memory=True, **common) if has_val else None
         if self.is_main:
             print(
                 f"data: {len(self.train)} train images ({len(self.train.bad)} skipped), "
@@ -416,6 +414,7 @@ class Trainer:
             "mem/rss_mib": rss_mib(),
             "mem/peak_rss_mib": peak_rss_mib(),
             "zero/param_share": self.param_share,
+            "data/bad_records": float(len(self.train.bad)),
         }
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
@@ -443,7 +442,9 @@ class Trainer:
             return
         m = self.eval_model()
         if self.is_main:
-            res = caption_split(m, self.val, self.tok, device=self.device)
+            res = caption_split(
+                m, self.val, self.tok, device=self.device, limit=self.cfg.eval_samples
+            )
             metrics = score(res, self.val, full=False)
             line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             print(f"\n[step {self.step}] val ({len(res)} images): {line}")
@@ -469,12 +470,20 @@ class Trainer:
         if self.is_main:
             mc = cfg.model
             for split in cfg.data.eval_splits:
-                recs = load_records(self.ann, self.image_root, split)
-                if not recs:
+                dc = cfg.data
+                if not load_split_records(dc.data, split, dc.image_root):
                     log.warning("no images in split %r; skipped", split)
                     continue
-                cs = CaptionSet(
-                    recs, self.tok, mc.image_size, mc.max_len, progress=self.progress, name=split
+                cs = open_split(
+                    dc.data,
+                    split,
+                    image_root=dc.image_root,
+                    tokenizer=self.tok,
+                    image_size=mc.image_size,
+                    max_len=mc.max_len,
+                    in_memory=True,
+                    progress=self.progress,
+                    max_bad_fraction=dc.max_bad_fraction,
                 )
                 t0 = time.time()
                 res = caption_split(m, cs, self.tok, device=self.device)

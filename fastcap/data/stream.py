@@ -1,0 +1,244 @@
+"""A streaming training split for data that does not fit in memory: images are decoded in
+DataLoader workers, batch by batch, never held all at once.
+
+Determinism (so resume is exact): the batches of :meth:`StreamSet.batches` are the same function
+of (seed, epoch, batch index, rank, world) as :class:`fastcap.data.captionset.CaptionSet`'s —
+the same permutation of the records, the same caption choice — whatever ``num_workers`` is.
+
+Bad records: a missing file, a zero-byte file or a record without a non-empty caption is found
+when the split is opened (one ``stat`` per file) and left out of the permutation. An image that
+turns out undecodable (corrupt, truncated) is found in a worker: it is dropped from its batch,
+which is then one sample shorter; it is counted, the first few are named in the log, and once
+the bad share exceeds ``max_bad_fraction`` the run stops with :class:`DataError`. A worker never
+raises on a bad image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from fastcap.data.captionset import Batch
+from fastcap.data.images import read_image
+from fastcap.data.karpathy import DataError, Record
+
+log = logging.getLogger("fastcap.data")
+
+# bad records named in the log before we only count them
+LOG_FIRST = 5
+# the bad-share check waits for this many samples, so that one bad image among the first ten
+# does not stop a run whose share over the whole split is tiny
+MIN_SEEN = 1000
+
+
+def short_reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def decode_bytes(data: bytes, size: int) -> Tensor:
+    """Encoded image bytes -> uint8 (3, size, size), as :func:`fastcap.data.images.read_image`."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if not data:
+        raise ValueError("zero-byte image")
+    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    if img.dtype != torch.uint8:
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, size, antialias=True)
+        img = TF.center_crop(img, [size, size])
+    return img.contiguous()
+
+
+def encode_caption(tokenizer, caption: str, max_len: int) -> list[int]:
+    """bos, caption tokens (cut to fit), eos — the layout CaptionSet uses."""
+    ids = tokenizer.encode_batch([caption])[0]
+    return [tokenizer.bos_id, *ids[: max_len - 2], tokenizer.eos_id]
+
+
+def collate(images: list[Tensor], seqs: list[list[int]], ids: list[int], pad_id: int) -> Batch:
+    """Decoded samples -> Batch(images (b, 3, S, S) uint8, tokens (b, L), lens (b,), ids)."""
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    tokens = torch.full((len(seqs), int(lens.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    return Batch(torch.stack(images), tokens, lens, ids)
+
+
+class BadTracker:
+    """Counts bad records (distinct by name), logs the first few, enforces the threshold."""
+
+    def __init__(self, name: str, total: int, max_bad_fraction: float):
+        self.name, self.total, self.max_fraction = name, total, max_bad_fraction
+        self.bad: list[tuple[str, str]] = []
+        self._names: set[str] = set()
+        self.seen = 0
+
+    def add(self, path, reason: str) -> None:
+        key = str(path)
+        if key in self._names:  # the same bad image comes back every epoch
+            return
+        self._names.add(key)
+        self.bad.append((key, reason))
+        if len(self.bad) <= LOG_FIRST:
+            log.warning("%s: skipped bad record %s (%s)", self.name, key, reason)
+        elif len(self.bad) == LOG_FIRST + 1:
+            log.warning("%s: more bad records; only counting from now on", self.name)
+
+    def check(self) -> None:
+        """DataError once the bad share of the records seen so far exceeds the threshold."""
+        seen = min(max(self.seen, len(self.bad)), self.total)
+        if seen < min(MIN_SEEN, self.total) or not self.bad:
+            return
+        if len(self.bad) / seen > self.max_fraction:
+            raise DataError(
+                f"{self.name}: {len(self.bad)} of {seen} records are bad "
+                f"({100 * len(self.bad) / seen:.1f}% > {100 * self.max_fraction:.1f}%), "
+                f"first: {self.bad[0][0]} ({self.bad[0][1]}); fix the data or raise the threshold"
+            )
+
+
+def precheck(records: list[Record], tracker: BadTracker) -> list[Record]:
+    """Records whose file exists, is not empty and that have a non-empty caption."""
+    kept = []
+    for rec in records:
+        caps = [c.strip() for c in rec.captions if c.strip()]
+        if not caps:
+            tracker.add(rec.path, "no non-empty caption")
+            continue
+        try:
+            size = Path(rec.path).stat().st_size
+        except OSError as e:
+            tracker.add(rec.path, short_reason(e))
+            continue
+        if size == 0:
+            tracker.add(rec.path, "zero-byte file")
+            continue
+        rec.captions = caps
+        kept.append(rec)
+    tracker.seen = len(records)
+    return kept
+
+
+class _Decode(Dataset):
+    """Map-style: item (record index, caption index) -> (image, token ids, id, bad reason)."""
+
+    def __init__(self, records: list[Record], tokenizer, image_size: int, max_len: int):
+        self.records, self.tokenizer = records, tokenizer
+        self.image_size, self.max_len = image_size, max_len
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, c = item
+        rec = self.records[i]
+        try:
+            img = read_image(rec.path, self.image_size)
+        except Exception as e:  # any decoder failure is a bad record, never a dead worker
+            return None, None, rec.id, (str(rec.path), short_reason(e))
+        return img, encode_caption(self.tokenizer, rec.captions[c], self.max_len), rec.id, None
+
+
+class _Collate:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        good = [it for it in items if it[3] is None]
+        bad = [it[3] for it in items if it[3] is not None]
+        if not good:
+            return None, bad
+        imgs, seqs, ids, _ = zip(*good)
+        return collate(list(imgs), list(seqs), list(ids), self.pad_id), bad
+
+
+class StreamSet:
+    """A split decoded on the fly in ``num_workers`` DataLoader workers (0: in this process).
+
+    Same interface as CaptionSet for training: ``len``, ``steps_per_epoch``, ``batches``,
+    ``bad`` (list of (path, reason)), ``records``.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        tokenizer,
+        image_size: int,
+        max_len: int,
+        *,
+        num_workers: int = 0,
+        max_bad_fraction: float = 0.01,
+        name: str = "split",
+    ):
+        self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
+        self.num_workers = num_workers
+        self.tracker = BadTracker(name, len(records), max_bad_fraction)
+        self.records = precheck(records, self.tracker)
+        self.tracker.check()  # missing / empty files and captions: known for the whole split now
+        if not self.records:
+            raise DataError(f"{name}: no usable records")
+        self.ncap = torch.tensor([len(r.captions) for r in self.records])
+        self._seen_ids: set[int] = set()
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        return self.tracker.bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return len(self) // global_batch
+
+    def plan(self, epoch: int, global_batch: int, *, seed: int, rank: int, world: int):
+        """Yields (batch index, [(record index, caption index)] of this rank) for every batch."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self), generator=g)
+        local = global_batch // world
+        for b in range(self.steps_per_epoch(global_batch)):
+            idx = perm[b * global_batch : (b + 1) * global_batch][rank * local : (rank + 1) * local]
+            gc = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + b)
+            u = torch.rand(global_batch, generator=gc)[rank * local : (rank + 1) * local]
+            cap = (u * self.ncap[idx]).long()
+            yield b, list(zip(idx.tolist(), cap.tolist()))
+
+    def batches(
+        self, epoch: int, start: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1
+    ) -> Iterator[Batch]:
+        """Batches ``start``.. of ``epoch`` (drop-last), this rank's slice of each; a batch
+        holding an undecodable image is that many samples shorter."""
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} does not divide across {world} ranks")
+        plan = [
+            items
+            for b, items in self.plan(epoch, global_batch, seed=seed, rank=rank, world=world)
+            if b >= start
+        ]
+        loader = DataLoader(
+            _Decode(self.records, self.tokenizer, self.image_size, self.max_len),
+            batch_sampler=plan,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.tokenizer.pad_id),
+            persistent_workers=False,
+        )
+        for batch, bad in loader:
+            for path, why in bad:
+                self.tracker.add(path, why)
+            if batch is not None:
+                self._seen_ids.update(batch.ids)
+            # undecodable images count once each, like the records left out when opening
+            self.tracker.seen = len(self._seen_ids) + len(self.tracker.bad)
+            self.tracker.check()
+            if batch is None:
+                raise DataError(
+                    f"{self.tracker.name}: every image of a batch is bad (first: {bad[0][0]}, "
+                    f"{bad[0][1]}); fix the data"
+                )
+            yield batch

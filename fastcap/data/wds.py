@@ -1,0 +1,336 @@
+"""Webdataset tar shards: a streaming training split, sharded across ranks and workers.
+
+A sample is the tar members sharing a key: an image ``KEY.jpg`` / ``KEY.jpeg`` / ``KEY.png`` /
+``KEY.webp`` and captions in ``KEY.json`` (``{"captions": [...], "id": int}``, or
+``{"caption": str}``) or ``KEY.txt`` (one caption per non-empty line). ``fastcap-data shard``
+writes such shards and a ``sizes.json`` (samples per shard) beside them, as open_clip does; without
+it the shards are counted once when the split is opened (their headers are read, not decoded).
+
+``wds:PATTERN`` is a brace pattern (``shards/train-{000000..000099}.tar``); a literal ``{split}``
+in it is replaced by the split name, so one spec serves train, val and test.
+
+Sharding, fixed for the whole run: shard ``i`` (in pattern order) belongs to rank ``i % world``
+and, within the rank, to stream ``(i // world) % W`` with ``W = max(1, num_workers)``; each stream
+runs in its own worker process. Two ranks therefore read disjoint shards, and together every
+sample once per epoch when every rank holds the same number of samples (shards of equal size,
+a shard count divisible by ``world * W``); otherwise the longer ranks drop their tails so that
+all ranks take the same number of steps (DeepSpeed needs that).
+
+Each epoch a stream reads its shards in an order drawn from (seed, epoch, rank, stream) through
+a shuffle buffer seeded the same way and cuts the samples into batches of ``global_batch /
+world`` (a last partial batch is dropped). The rank's batches are the streams' batches taken
+round-robin, skipping exhausted streams. All of that is computed from the shard sizes, so the
+position of a run is just (epoch, batch index): resume skips the consumed samples of each stream
+(reading, not decoding, them) and continues bit-identically. Batches depend on ``num_workers``:
+resume with the same value.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from fastcap.data.captionset import Batch
+from fastcap.data.karpathy import DataError, Record
+from fastcap.data.stream import BadTracker, collate, decode_bytes, encode_caption, short_reason
+
+log = logging.getLogger("fastcap.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTS = ("json", "txt")
+FORMAT = (
+    "webdataset tar shards, a brace pattern such as shards/train-{000000..000099}.tar, "
+    "each sample KEY.{jpg,png} + KEY.{txt,json}"
+)
+
+
+def _is_remote(pattern: str) -> bool:
+    return "://" in pattern or pattern.startswith("pipe:")
+
+
+def expand_shards(pattern: str, split: str, *, spec: str | None = None) -> list[str]:
+    """The shard URLs of ``pattern`` for ``split``, in order; DataError when none exists."""
+    from braceexpand import braceexpand
+
+    if "{split}" not in pattern and split != "train":
+        # without {split} the pattern is the training split only; val/test are empty
+        raise DataError(
+            f"--data {spec or 'wds:' + pattern!r}: no {{split}} in the pattern, so it has no "
+            f"{split!r} split; write e.g. shards/{{split}}-{{000000..000099}}.tar"
+        )
+    urls: list[str] = []
+    for u in braceexpand(pattern.replace("{split}", split)):
+        urls.extend([u] if _is_remote(u) else sorted(glob.glob(u)))
+    if not urls:
+        raise DataError(
+            f"--data {spec or 'wds:' + pattern!r}: the pattern matches no shard for split "
+            f"{split!r}; expected {FORMAT}"
+        )
+    return urls
+
+
+def _samples(urls: list[str], handler) -> Iterator[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    return tarfile_samples(({"url": u} for u in urls), handler=handler)
+
+
+def shard_sizes(urls: list[str]) -> list[int]:
+    """Samples per shard: from ``sizes.json`` beside the shards, else by reading tar headers."""
+    sizes: dict[str, int] = {}
+    for d in {str(Path(u).parent) for u in urls if not _is_remote(u)}:
+        f = Path(d) / "sizes.json"
+        if f.is_file():
+            sizes.update({str(Path(d) / k): v for k, v in json.loads(f.read_text()).items()})
+    out = []
+    for u in urls:
+        if u in sizes:
+            out.append(sizes[u])
+            continue
+        if _is_remote(u):
+            raise DataError(f"{u}: remote shards need a sizes.json (samples per shard) beside them")
+        try:
+            with tarfile.open(u) as tf:  # headers only: the members' data is skipped
+                keys = {m.name.split(".", 1)[0] for m in tf if m.isfile()}
+        except (OSError, tarfile.TarError) as e:
+            raise DataError(
+                f"{u}: not a readable tar shard ({short_reason(e)}); expected {FORMAT}"
+            ) from None
+        out.append(len(keys))
+    return out
+
+
+def sample_captions(sample: dict) -> list[str]:
+    """The non-empty captions of one webdataset sample (json or txt member)."""
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        caps = meta.get("captions") or [meta.get("caption", "")]
+    elif "txt" in sample:
+        caps = sample["txt"].decode("utf-8").splitlines()
+    else:
+        caps = []
+    return [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+
+
+def sample_id(sample: dict) -> int:
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        if "id" in meta:
+            return int(meta["id"])
+    # a stable id from the key (not Python's salted hash) so ids agree across processes
+    return int.from_bytes(sample["__key__"].encode()[-8:].rjust(8, b"\0"), "big") & (2**62 - 1)
+
+
+def iter_records(pattern: str, split: str) -> Iterator[tuple[Record, bytes | None]]:
+    """Every sample of a split as (Record with path ``SHARD#KEY``, image bytes or None)."""
+    for s in _samples(expand_shards(pattern, split), _warn_and_continue):
+        img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+        try:
+            caps = sample_captions(s)
+            rid = sample_id(s)
+        except (ValueError, UnicodeDecodeError):
+            caps, rid = [], sample_id({"__key__": s["__key__"]})
+        path = Path(f"{s['__url__']}#{s['__key__']}")
+        yield Record(rid, path, caps, split), img
+
+
+def _warn_and_continue(exn: Exception) -> bool:
+    log.warning("webdataset: %s; skipping the rest of the shard", short_reason(exn))
+    return True
+
+
+def _round_robin(counts: list[int]) -> list[int]:
+    """Stream of each batch of a rank: streams in turn, exhausted ones skipped."""
+    left, order = list(counts), []
+    while any(left):
+        for s, n in enumerate(left):
+            if n:
+                order.append(s)
+                left[s] -= 1
+    return order
+
+
+class _Stream(IterableDataset):
+    """One stream of one rank for one epoch: yields (images, tokens, lens, ids, bad)."""
+
+    def __init__(self, urls, skip, local, seed, tokenizer, image_size, max_len, buffer):
+        self.urls, self.skip, self.local, self.seed = urls, skip, local, seed
+        self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
+        self.buffer = buffer
+
+    def _shuffled(self, it, rng: random.Random):
+        buf: list = []
+        for x in it:
+            if len(buf) < self.buffer:
+                buf.append(x)
+                continue
+            k = rng.randrange(len(buf))
+            yield buf[k]
+            buf[k] = x
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, s: dict, rng: random.Random):
+        name = f"{s.get('__url__')}#{s.get('__key__')}"
+        u = rng.random()  # drawn for every sample so a bad one shifts no later choice
+        try:
+            caps = sample_captions(s)
+            if not caps:
+                return None, (name, "no non-empty caption")
+            img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+            if img is None:
+                return None, (name, f"no image member ({', '.join(IMAGE_EXTS)})")
+            x = decode_bytes(img, self.image_size)
+            cap = caps[min(int(u * len(caps)), len(caps) - 1)]
+            return (x, encode_caption(self.tokenizer, cap, self.max_len), sample_id(s)), None
+        except Exception as e:  # a bad sample never kills the worker
+            return None, (name, short_reason(e))
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        urls = list(self.urls)
+        rng.shuffle(urls)
+        group: list[dict] = []
+        done = 0
+        for s in self._shuffled(_samples(urls, _warn_and_continue), rng):
+            group.append(s)
+            if len(group) < self.local:
+                continue
+            cap_rng = random.Random(f"{self.seed}/{done}")
+            if done < self.skip:  # resume: read, do not decode, the consumed batches
+                group, done = [], done + 1
+                continue
+            good, bad = [], []
+            for smp in group:
+                item, why = self._decode(smp, cap_rng)
+                (good.append(item) if why is None else bad.append(why))
+            group, done = [], done + 1
+            if good:
+                imgs, seqs, ids = zip(*good)
+                b = collate(list(imgs), list(seqs), list(ids), self.tokenizer.pad_id)
+                yield b.images, b.tokens, b.lens, b.ids, bad
+            else:
+                yield None, None, None, None, bad
+
+
+def _identity(x):
+    return x
+
+
+class WdsSet:
+    """A webdataset split streamed from tar shards (interface of CaptionSet for training).
+
+    ``records`` is read on first access (captions of every shard; no image is decoded).
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        split: str,
+        tokenizer,
+        image_size: int,
+        max_len: int,
+        *,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        max_bad_fraction: float = 0.01,
+        world: int | None = None,
+    ):
+        import os
+
+        self.pattern, self.split = pattern, split
+        self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        self.urls = expand_shards(pattern, split)
+        self.sizes = shard_sizes(self.urls)
+        if len(self.urls) < self.world:
+            raise DataError(
+                f"wds:{pattern}: {len(self.urls)} shard(s) for {self.world} ranks; every rank "
+                "needs at least one (write smaller shards with fastcap-data shard --shard-size)"
+            )
+        self.streams = max(1, num_workers)
+        if len(self.urls) < self.world * self.streams:
+            log.warning(
+                "wds:%s: %d shards for %d ranks x %d workers; some workers stay idle",
+                pattern,
+                len(self.urls),
+                self.world,
+                self.streams,
+            )
+        self.tracker = BadTracker(f"wds {split}", sum(self.sizes), max_bad_fraction)
+        self._records: list[Record] | None = None
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        return self.tracker.bad
+
+    @property
+    def records(self) -> list[Record]:
+        if self._records is None:
+            self._records = [r for r, _ in iter_records(self.pattern, self.split)]
+        return self._records
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def _stream_shards(self, rank: int, world: int) -> list[list[int]]:
+        """Shard indices of each stream of ``rank``."""
+        mine = [i for i in range(len(self.urls)) if i % world == rank]
+        return [[i for i in mine if (i // world) % self.streams == s] for s in range(self.streams)]
+
+    def _counts(self, local: int, rank: int, world: int) -> list[int]:
+        """Full batches of each stream of ``rank`` (the same every epoch)."""
+        return [sum(self.sizes[i] for i in sh) // local for sh in self._stream_shards(rank, world)]
+
+    def steps_per_epoch(self, global_batch: int, world: int | None = None) -> int:
+        """Batches every rank takes per epoch: the smallest rank's count."""
+        world = world or self.world
+        local = global_batch // world
+        return min(sum(self._counts(local, r, world)) for r in range(world))
+
+    def batches(
+        self, epoch: int, start: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1
+    ) -> Iterator[Batch]:
+        """Batches ``start``.. of ``epoch``, this rank's; a batch holding bad samples is that
+        many shorter."""
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} does not divide across {world} ranks")
+        local = global_batch // world
+        steps = self.steps_per_epoch(global_batch, world)
+        order = _round_robin(self._counts(local, rank, world))[:steps]
+        done = order[:start]
+        iters = []
+        for s, shards in enumerate(self._stream_shards(rank, world)):
+            ds = _Stream(
+                [self.urls[i] for i in shards],
+                done.count(s),
+                local,
+                f"{seed}/{epoch}/{rank}/{s}",
+                self.tokenizer,
+                self.image_size,
+                self.max_len,
+                self.shuffle_buffer,
+            )
+            if self.num_workers > 0:
+                ds = DataLoader(ds, batch_size=None, num_workers=1, collate_fn=_identity)
+            iters.append(iter(ds))
+        for s in order[start:]:
+            images, tokens, lens, ids, bad = next(iters[s])
+            for name, why in bad:
+                self.tracker.add(name, why)
+            self.tracker.seen += local
+            self.tracker.check()
+            if images is None:
+                raise DataError(
+                    f"wds {self.split}: every sample of a batch is bad (first: {bad[0][0]}, "
+                    f"{bad[0][1]}); fix the data"
+                )
+            yield Batch(images, tokens, lens, list(ids))
