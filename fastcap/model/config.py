@@ -34,10 +34,12 @@ class ModelConfig:
     """torchvision ResNet trunk: resnet18, resnet34 or resnet50 (built with weights=None)."""
     trunk_weights: str | None = None
     """Optional path of a local state_dict file for the trunk (nothing is downloaded)."""
-    trunk_norm: str = "batch"
-    """Normalisation inside the trunk: batch (torchvision's BatchNorm) or group (GroupNorm,
-    32 groups; independent of the batch, so results do not depend on how a batch is split
-    across ranks)."""
+    trunk_norm: str = "group"
+    """Normalisation inside the trunk: group (GroupNorm, 32 groups; the default: no train/eval
+    gap and independent of how a batch is split across ranks) or batch (torchvision's
+    BatchNorm, needed to load torchvision weights; its running statistics lag a fast-moving
+    from-scratch trunk, which we measured as 0.62 greedy accuracy in train mode vs 0.33 in eval
+    mode on shapes after 2 epochs)."""
     trunk_stride: int = 8
     """Output stride of the trunk (4, 8, 16 or 32): where the ResNet is cut."""
     image_size: int = 64

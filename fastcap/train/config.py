@@ -87,7 +87,7 @@ class TrainConfig:
     """Run folder: checkpoints, tokenizer, config, metrics.json."""
     seed: int = 0
     """Seed of every random generator."""
-    epochs: float = 7.0
+    epochs: float = 5.0
     """Training length in epochs over the training split (fractions allowed)."""
     max_steps: int = 0
     """If > 0, stop after this many optimiser steps regardless of epochs."""
