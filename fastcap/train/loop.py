@@ -28,7 +28,7 @@ from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import Captioner, MoE, param_count
 from fastcap.train import engine as eng
 from fastcap.train.config import ConfigError, TrainConfig, to_dict
-from fastcap.train.evaluate import caption_split, score
+from fastcap.train.evaluate import caption_split, coco_results, evaluate_split, score
 from fastcap.train.teacher_forcing import tf_prob
 
 log = logging.getLogger("fastcap.train")
@@ -485,24 +485,28 @@ class Trainer:
                     progress=self.progress,
                     max_bad_fraction=dc.max_bad_fraction,
                 )
-                t0 = time.time()
-                res = caption_split(m, cs, self.tok, device=self.device)
-                metrics[split] = score(res, cs)
-                metrics[split]["images"] = len(res)
-                metrics[split]["decode_seconds"] = round(time.time() - t0, 2)
-                print(f"\n== {split} ({len(res)} images, greedy) ==")
-                self._print_samples(res, cs, cfg.num_samples)
-                print(
-                    "  "
-                    + " | ".join(
-                        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in metrics[split].items()
+                for name, kw in (("greedy", {}), ("beam3", {"strategy": "beam", "num_beams": 3})):
+                    t0 = time.time()
+                    # retrieval does not depend on the decoding strategy: computed once
+                    mets, res = evaluate_split(
+                        m, cs, self.tok, device=self.device, retrieval=name == "greedy", **kw
                     )
-                )
-                atomic_write(
-                    self.out / f"captions_{split}.json",
-                    json.dumps([{"image_id": k, "caption": v} for k, v in res.items()]).encode(),
-                )
+                    mets["images"] = len(res)
+                    mets["decode_seconds"] = round(time.time() - t0, 2)
+                    key = split if name == "greedy" else f"{split}_{name}"
+                    metrics[key] = mets
+                    print(f"\n== {split} ({len(res)} images, {name}) ==")
+                    self._print_samples(res, cs, cfg.num_samples if name == "greedy" else 3)
+                    print(
+                        "  "
+                        + " | ".join(
+                            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in mets.items()
+                        )
+                    )
+                    atomic_write(
+                        self.out / f"captions_{key}.json", json.dumps(coco_results(res)).encode()
+                    )
             atomic_write(self.out / "metrics.json", json.dumps(metrics, indent=2).encode())
             print(f"\nwrote {self.out / 'metrics.json'}")
         del m
