@@ -35,8 +35,9 @@ test-fast: install
 bench: install
 	$(BIN)/python -m pytest bench/ --benchmark-only -q
 
-gpu-check: install
-	$(BIN)/python bench/gpu_check.py --out runs/gpu-check
+# a bare CUDA machine may lack DeepSpeed/W&B: the check needs only torch, Triton, ninja, nvcc
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bench/gpu_check.py --out runs/gpu-check
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

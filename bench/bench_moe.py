@@ -33,6 +33,11 @@ SHAPES = {
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
+def group(shape: str, mode: str) -> str:
+    """One group per (shape, mode), named like the other bench files: op, shape, mode, dtype."""
+    return f"moe {shape} {mode.replace('_', '+')} {str(DTYPE).removeprefix('torch.')}"
+
+
 # ----------------------------------------------------------------------------- implementations
 
 
@@ -169,7 +174,9 @@ def test_moe(measure, shape, impl, mode):
     dtype = torch.bfloat16 if impl == "grouped_mm" else DTYPE
     step = (fwd if mode == "fwd" else fwd_bwd)(IMPLS[impl])
     rounds = 3 if impl == "seed_loop" else 5
-    measure(step, make_inputs(shape, dtype), group=f"moe-{shape}-{mode}", impl=impl,
+    # an implementation run in another dtype than its group says so in its name
+    label = impl if dtype == DTYPE else f"{impl} ({str(dtype).removeprefix('torch.')})"
+    measure(step, make_inputs(shape, dtype), group=group(shape, mode), impl=label,
             flops=routed_flops(shape, mode), rounds=rounds)  # fmt: skip
 
 
@@ -193,7 +200,7 @@ def test_dense_gemm_same_flops(measure, shape, mode):
                 return a @ b
         return torch.autograd.grad(a @ b, (a, b), g)
 
-    measure(step, make, group=f"moe-{shape}-{mode}", impl="dense_gemm_same_flops",
+    measure(step, make, group=group(shape, mode), impl="dense_gemm_same_flops",
             flops=routed_flops(shape, mode))  # fmt: skip
 
 
@@ -213,7 +220,7 @@ def test_ref_vs_seed_ratio(measure, benchmark, mode):
     make = make_inputs("cpu", DTYPE)
     wrap = fwd if mode == "fwd" else fwd_bwd
     seed_fn, ref_fn = wrap(seed_loop), wrap(ref_moe)
-    if measure(ref_fn, make, group=f"moe-ratio-{mode}", impl="vectorised_ref",
+    if measure(ref_fn, make, group=group("cpu", mode) + " ratio", impl="vectorised_ref",
                flops=routed_flops("cpu", mode)) is None:  # fmt: skip
         pytest.skip("benchmarks disabled: nothing timed")
     args = make()

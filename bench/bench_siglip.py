@@ -86,7 +86,7 @@ def test_siglip_fwd_bwd(measure, B, impl):
         measure(
             fwd_bwd(IMPLS[impl]),
             make_inputs(B),
-            group=f"siglip fwd+bwd B={B} d={D} {str(DTYPE).removeprefix('torch.')}",
+            group=f"siglip B={B} d={D} fwd+bwd {str(DTYPE).removeprefix('torch.')}",
             impl=impl,
             flops=6.0 * B * B * D,
             n_sets=1 if heavy else 3,

@@ -538,9 +538,13 @@ def _bucket(n: int) -> int:
 
 @lru_cache(maxsize=32)
 def _rope_table(p0: int, n: int, half: int, theta: float, device: torch.device):
-    """fp32 (n, half) cos and sin of positions p0 .. p0 + n - 1, from fp64 like the reference."""
-    cos, sin = rope_cos_sin(torch.arange(p0, p0 + n, device=device), 2 * half, theta)
-    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+    """fp32 (n, half) cos and sin of positions p0 .. p0 + n - 1, from fp64 like the reference.
+
+    Built outside inference mode: a cached table first made while decoding must still be
+    usable by a later training step."""
+    with torch.inference_mode(False):
+        cos, sin = rope_cos_sin(torch.arange(p0, p0 + n, device=device), 2 * half, theta)
+        return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
 
 def _check(q: Tensor, rope_theta: float | None) -> None:

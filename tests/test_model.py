@@ -193,3 +193,15 @@ def test_patching_and_group_norm_shapes():
     assert tok.shape == (2, 16, 64) and emb.shape == (2, 32)
     with pytest.raises(ValueError, match="divisible by patch"):
         tiny_cfg(image_size=64, patch=3).validate()
+
+
+def test_rope_tables_cached_during_decoding_still_train():
+    """A RoPE table first built under inference_mode must not poison a later training step."""
+    from fastcap.generate import greedy
+
+    torch.manual_seed(0)
+    m = Captioner(tiny_cfg(max_len=40))
+    images, tokens, lens = make_batch(L=37)
+    greedy(m.eval(), images[:2], max_new_tokens=37)  # builds tables inside inference_mode
+    m.train()
+    m(images, tokens, lens)["loss"].backward()

@@ -34,7 +34,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @lru_cache(maxsize=64)
 def _table(n: int, dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    return rope_cos_sin(torch.arange(n, device=device), dim, theta)
+    # outside inference mode: a table first built while decoding is reused by training steps
+    with torch.inference_mode(False):
+        return rope_cos_sin(torch.arange(n, device=device), dim, theta)
 
 
 def rope_range(
