@@ -214,9 +214,21 @@ FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flick
 def test_trains_on_real_flickr_photos(tiny_overrides, tmp_path):
     """End to end on real JPEGs of many sizes through --data folder:..."""
     out = tmp_path / "flickr"
-    r = run_train(["--data", f"folder:{FLICKR}", "--out", str(out), *tiny_overrides,
-                   "data.vocab_size=300", "--steps", "4", "eval_samples=8", "eval_every=2",
-                   "data.eval_splits=test"])
+    r = run_train(
+        [
+            "--data",
+            f"folder:{FLICKR}",
+            "--out",
+            str(out),
+            *tiny_overrides,
+            "data.vocab_size=300",
+            "--steps",
+            "4",
+            "eval_samples=8",
+            "eval_every=2",
+            "data.eval_splits=test",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["data/bad_records"] == 0.0
