@@ -234,3 +234,35 @@ def test_trains_on_real_flickr_photos(tiny_overrides, tmp_path):
     assert log[-1]["data/bad_records"] == 0.0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["images"] > 10 and "CIDEr-D" in metrics["test"]
+
+
+def test_wandb_offline_run_is_written(tiny_shapes, tiny_overrides, tmp_path):
+    out = tmp_path / "wb"
+    e = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    e["FASTCAP_KERNELS"] = "ref"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastcap.cli.train",
+            "--no-progress",
+            "--wandb",
+            "offline",
+            "--data",
+            f"shapes:{tiny_shapes}",
+            "--out",
+            str(out),
+            *tiny_overrides,
+            "--steps",
+            "2",
+            "data.eval_splits=",
+            "eval_every=1000",
+        ],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (out / "wandb_id").read_text() in runs[0].name

@@ -16,6 +16,7 @@ import resource
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,7 @@ class Trainer:
         import wandb
 
         id_file = self.out / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(
             project=cfg.wandb_project,
