@@ -154,3 +154,49 @@ def test_nan_is_skipped_then_repeated_nan_stops(tiny_shapes, tiny_overrides, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     last = _losses(many)
     assert last[9]["loss/total"] == last[9]["loss/total"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_at_a_step_boundary(tiny_shapes, tiny_overrides, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        _cmd(
+            [
+                "--out",
+                str(out),
+                "--data",
+                f"shapes:{tiny_shapes}",
+                *tiny_overrides,
+                "--steps",
+                "100000",
+                "log_every=1",
+                "eval_every=100000",
+                "save_every=100000",
+                "diag_every=0",
+            ]
+        ),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().split()) >= 3):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 130, err[-3000:]
+    assert "saving a checkpoint" in err
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    steps = _losses(out)
+    assert int(tag.removeprefix("step")) == max(steps)  # saved exactly where it stopped
+    r = subprocess.run(
+        _cmd(["--resume", str(out), f"max_steps={max(steps) + 2}"]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {max(steps)}" in r.stdout

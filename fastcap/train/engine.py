@@ -43,6 +43,12 @@ def init_distributed() -> tuple[int, int, torch.device]:
         )
     import deepspeed
 
+    if not torch.cuda.is_available() and os.environ.get("WORLD_SIZE") == "1":
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (~30 s on a fresh
+        # machine) that only speeds up collectives between processes: a world of one skips it
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False

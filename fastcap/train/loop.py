@@ -14,7 +14,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -66,6 +68,38 @@ def check_run_dir(path: str | Path) -> Path:
             "give the --out folder of a fastcap-train run"
         )
     return p
+
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C seen and honoured at a step boundary, where the state is consistent."""
+
+
+class GracefulStop:
+    """The first SIGINT asks the loop to stop at the next step boundary (which saves a
+    checkpoint); a second one interrupts at once, without saving."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping after this step (press again to quit without saving)",
+            file=sys.stderr,
+        )
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+        return False
 
 
 class NonFiniteError(RuntimeError):
@@ -249,10 +283,11 @@ class Trainer:
     def run(self) -> dict:
         self._setup()
         try:
-            self._train()
-        except KeyboardInterrupt:
+            with GracefulStop() as self._stop:
+                self._train()
+        except StopRequested:
             if self.is_main:
-                print(f"\ninterrupted at step {self.step}: saving a checkpoint", file=sys.stderr)
+                print(f"interrupted at step {self.step}: saving a checkpoint", file=sys.stderr)
             self.save_checkpoint()
             raise
         except NonFiniteError:
@@ -323,6 +358,8 @@ class Trainer:
                     self.periodic_eval()
                 if self.step % save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
+                if self._stop_requested():
+                    raise StopRequested
                 if self.step >= self.total_steps:
                     break
             else:
@@ -330,6 +367,13 @@ class Trainer:
                 self.batch_pos = 0
         if bar is not None:
             bar.close()
+
+    def _stop_requested(self) -> bool:
+        """Did any rank see Ctrl-C? (All ranks must stop at the same step to save together.)"""
+        flag = torch.tensor([1.0 if self._stop.requested else 0.0])
+        if self.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _log_line(self, rec: dict) -> None:
         """Append one JSON line to RUN/train_log.jsonl (the same scalars W&B gets)."""
