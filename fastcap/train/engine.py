@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 
 import torch
 
@@ -49,6 +50,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
         compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
         if isinstance(compatible, dict):
             compatible["deepspeed_shm_comm"] = False
+    # DeepSpeed calls the c10d collectives torch renamed; torch warns on every call (each step)
+    warnings.filterwarnings(
+        "ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning
+    )
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False

@@ -350,6 +350,7 @@ class Trainer:
                             loss=f"{rec['loss/total']:.3f}",
                             ce=f"{rec['loss/ce']:.3f}",
                             img_s=f"{rec['perf/images_per_s']:.0f}",
+                            tok_s=f"{rec['perf/tokens_per_s']:.0f}",
                             refresh=False,
                         )
                 if bar is not None:
