@@ -297,8 +297,11 @@ class Trainer:
             raise
         self.save_checkpoint()
         metrics = self.final_eval()
+        if self.is_main:
+            print(f"bad records skipped in {self.cfg.data.train_split}: {len(self.train.bad)}")
         if self.wandb is not None:
             self.wandb.summary.update({f"final/{k}": v for k, v in _flat(metrics).items()})
+            self.wandb.summary["data/bad_records"] = len(self.train.bad)
             self.wandb.finish()
         return metrics
 
