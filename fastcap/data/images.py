@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 log = logging.getLogger("fastcap.data")
 
@@ -22,20 +22,13 @@ def read_image(path: str | Path, size: int) -> Tensor:
     Resized (shorter side to ``size``, antialiased) and centre-cropped. Raises on a file that
     cannot be decoded.
     """
-    data = torchvision_read(path)
-    img = decode_image(data, mode=ImageReadMode.RGB)
+    img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     if img.dtype != torch.uint8:
         img = TF.to_dtype(img, torch.uint8, scale=True)
     if img.shape[-2:] != (size, size):
         img = TF.resize(img, size, antialias=True)
         img = TF.center_crop(img, [size, size])
     return img.contiguous()
-
-
-def torchvision_read(path: str | Path) -> Tensor:
-    from torchvision.io import read_file
-
-    return read_file(str(path))
 
 
 def normalize(u8: Tensor) -> Tensor:

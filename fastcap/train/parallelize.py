@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -20,7 +21,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
             inner = m.forward
 
             def wrapped(*args, _inner=inner, **kwargs):
-                if kwargs.get("cache") is not None or not _grad_enabled():
+                if kwargs.get("cache") is not None or not torch.is_grad_enabled():
                     return _inner(*args, **kwargs)
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
@@ -28,9 +29,3 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
             m._fastcap_ckpt = True
             n += 1
     return n
-
-
-def _grad_enabled() -> bool:
-    import torch
-
-    return torch.is_grad_enabled()
