@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcap.ops.ref.rope import rope_cos_sin
+from fastcap.common.rope import rope_cos_sin
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "EMPTY_ROW_LSE", "MAX_HEAD_DIM"]
 

@@ -1,9 +1,9 @@
 """Routed SwiGLU experts as Triton grouped GEMMs over expert-aligned blocks of routed pairs.
 
-``moe_align`` (:mod:`fastcap.ops.moe_align`) sorts the P = T*k pairs by expert and pads each
-expert's segment to a multiple of BLOCK_M, so every block of BLOCK_M slots belongs to one expert
-(or is unused: expert id -1, the program exits at once). "Slot" below is a position in that padded
-order, "pair" is p = t*k + c. Buffers indexed by slot have S = max_padded rows.
+``moe_align`` (:mod:`fastcap.common.moe_align`) sorts the P = T*k pairs by expert and pads
+each expert's segment to a multiple of BLOCK_M, so every block of BLOCK_M slots belongs to one
+expert (or is unused: expert id -1, the program exits at once). "Slot" below is a position in
+that padded order, "pair" is p = t*k + c. Buffers indexed by slot have S = max_padded rows.
 
 Forward:
   1. gate/up  A[slot] = silu(x[t] @ Wg[e]) * (x[t] @ Wu[e]): x rows are gathered from their
@@ -23,9 +23,10 @@ Memory kept for backward: A (S, f) and H (S, 2f) in x's dtype, the alignment, an
 themselves (the Parameters, as ZeRO-3 needs). BLOCK_M follows the mean rows per expert (16/32/64);
 BLOCK_N/BLOCK_K are autotuned on a GPU. None of these choices has been timed on a GPU yet.
 
-``moe_ffn`` aligns with PyTorch (:func:`~fastcap.ops.moe_align.moe_align_torch`); ``moe_ffn_cuda``
-with the compiled extension ``fastcap_C``, built on first access of the name (a build failure is a
-``RuntimeError`` at that point, so the dispatch's ``auto`` can fall back to ``triton``).
+``moe_ffn`` aligns with PyTorch (:func:`~fastcap.common.moe_align.moe_align_torch`);
+``moe_ffn_cuda`` with the compiled extension ``fastcap_C``, built on first access of the name (a
+build failure is a ``RuntimeError`` at that point, so the dispatch's ``auto`` can fall back to
+``triton``). An empty batch (T = 0) launches nothing and needs no reference.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcap.ops.moe_align import load_extension, moe_align
+from fastcap.common.moe_align import load_extension, moe_align
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -481,10 +482,9 @@ class _MoEFFN(torch.autograd.Function):
 
 def _moe(x, w13, w2, topk_ids, topk_weights, align_impl: str) -> Tensor:
     if x.shape[0] == 0:
-        # Nothing to route; the reference returns the (0, d) output with a graph to every input.
-        from fastcap.ops.ref.moe import moe_ffn as ref
-
-        return ref(x, w13, w2, topk_ids, topk_weights)
+        # Nothing to route (and no block to launch): the (0, d) output, with a zero gradient to
+        # every input, as the reference gives.
+        return torch.zeros_like(x) + 0 * (w13.sum() + w2.sum() + topk_weights.sum()).to(x.dtype)
     return _MoEFFN.apply(x, w13, w2, topk_ids, topk_weights, align_impl)
 
 

@@ -2,6 +2,7 @@
 CPU; both flags must be set before triton/deepspeed are imported, hence here, at the top."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -48,3 +49,29 @@ def tiny_shapes(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes"
     generate(out, train=96, val=16, test=16, compositional=16, size=32, seed=0, progress=False)
     return out
+
+
+# Data shared between checkouts: beside the repository (never copied into it) unless
+# FASTCAP_SHARED_DATA names another folder.
+SHARED_DATA = Path(
+    os.environ.get("FASTCAP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+def shared_data(name: str) -> Path:
+    """``SHARED_DATA / name``. When it is missing the test skips, except under CI (``CI`` set to
+    ``true`` or ``1``), where it fails: a CI machine without the data is misconfigured, and a
+    skip there would hide the tests that read real files."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        msg = f"the shared data folder {path} is missing"
+        if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+            pytest.fail(f"{msg} (CI is set, so this is an error, not a skip)", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flickr8k_1k() -> Path:
+    """The 1,000 Flickr8k photographs with captions.txt (a ``folder:`` dataset)."""
+    return shared_data("flickr8k-1k")

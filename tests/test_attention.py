@@ -132,7 +132,7 @@ def test_other_tiles(blocks, shape):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_rope_negative_positions(causal):
-    """Lq > Lk with RoPE: query i sits at i + (Lk - Lq) < 0 for the first rows (DESIGN.md).
+    """Lq > Lk with RoPE: query i sits at i + (Lk - Lq) < 0 for the first rows (docs/DESIGN.md 3.1).
 
     The gold rotates by hand from rope_cos_sin, independent of the reference's table code."""
     B, H, Lq, Lk, D = 2, 2, 11, 5, 32

@@ -4,6 +4,7 @@ mode, a corrupt file, attention maps, bad input; and load_run."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,10 +19,6 @@ from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import Captioner, ModelConfig
 from fastcap.runs import RunError, load_run
 from fastcap.train.config import DataConfig, TrainConfig, to_dict
-
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k" / "images"
-if not PHOTOS.is_dir():
-    PHOTOS = Path("/work/shared/data/flickr8k-1k/images")
 
 
 @pytest.fixture(scope="session")
@@ -66,13 +63,11 @@ def run_dir(tmp_path_factory, tiny_shapes) -> Path:
 
 
 @pytest.fixture(scope="session")
-def photos(tmp_path_factory) -> dict[str, Path]:
+def photos(tmp_path_factory, flickr8k_1k) -> dict[str, Path]:
     """Flickr8k photographs (read from the shared data, never copied into the repository):
     one as is, and converted in tmp to grayscale, RGBA, palette PNG and an odd size; plus a
     corrupt file."""
-    if not PHOTOS.is_dir():
-        pytest.skip(f"the shared photographs are not on this machine ({PHOTOS})")
-    src = sorted(PHOTOS.glob("*.jpg"))[:5]
+    src = sorted((flickr8k_1k / "images").glob("*.jpg"))[:5]
     tmp = tmp_path_factory.mktemp("photos")
     out = {"rgb": src[0]}
     Image.open(src[1]).convert("L").save(tmp / "gray.png")
@@ -85,6 +80,23 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     (tmp / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 3)
     out["corrupt"] = tmp / "corrupt.jpg"
     return out
+
+
+def test_missing_shared_data_skips_here_and_fails_under_ci(monkeypatch, tmp_path):
+    import conftest
+
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    (tmp_path / "there").mkdir()
+    for ci in ("", "false", "0", "true", "TRUE", "1"):
+        monkeypatch.setenv("CI", ci)
+        assert conftest.shared_data("there") == tmp_path / "there"
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="missing"):
+        conftest.shared_data("absent")
+    for ci, outcome in (("false", pytest.skip), ("true", pytest.fail), ("1", pytest.fail)):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(outcome.Exception, match=re.escape(f"{tmp_path / 'absent'} is missing")):
+            conftest.shared_data("absent")
 
 
 def _lines(text: str) -> list[str]:
@@ -281,9 +293,9 @@ def test_eval_unknown_split_exits_2(run_dir, capsys):
     assert rc == 2 and "nosuchsplit" in err and len(_lines(err)) == 1
 
 
-def test_eval_real_photos_folder(run_dir, photos, tmp_path, capsys):
+def test_eval_real_photos_folder(run_dir, flickr8k_1k, tmp_path, capsys):
     """A folder dataset of real photographs (Flickr8k, captions.txt): first 6 test images."""
-    data = PHOTOS.parent
+    data = flickr8k_1k
     out, res = tmp_path / "m.json", tmp_path / "c.json"
     rc = eval_cli.main(
         [

@@ -1,10 +1,14 @@
 """Real-data formats behind ``--data kind:path``: folder (CSV / JSONL), official COCO captions,
 Karpathy JSON; the shared Flickr photographs; bad records (counted, skipped, threshold); bad
-specs (one-line DataError naming the expected format); the streaming set's determinism."""
+specs (one-line DataError naming the expected format); the streaming set's determinism.
+
+Random names, sizes and seeds come from one seed per run, printed by every test (pytest shows
+it with a failure); ``FASTCAP_TEST_SEED=N`` replays a run."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -14,13 +18,26 @@ import torch
 from PIL import Image
 
 from fastcap.data.captionset import CaptionSet
-from fastcap.data.karpathy import DataError, parse_spec
-from fastcap.data.sources import check_spec, folder_split, load_split_records, open_split
+from fastcap.data.records import DataError
+from fastcap.data.sources import (
+    check_spec,
+    folder_split,
+    load_split_records,
+    open_split,
+    parse_spec,
+)
 from fastcap.data.stream import StreamSet
 from fastcap.data.tokenizer import CaptionTokenizer
 
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 S = 16  # decoded image side: small keeps the test fast
+SEED = int(os.environ.get("FASTCAP_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    """The run's random source, fresh for each test; prints the seed that replays it."""
+    print(f"FASTCAP_TEST_SEED={SEED}")
+    return random.Random(SEED)
 
 
 def write_image(path: Path, rng: random.Random) -> None:
@@ -53,12 +70,12 @@ def make_folder(root: Path, n: int, rng: random.Random, *, jsonl: bool = False) 
 def tok():
     words = ["a", "photo", "number", "of", "the", "dog", "cat", "runs", "on", ","]
     words += [str(d) for d in range(10)]
-    return CaptionTokenizer.train([" ".join(random.sample(words, 8)) for _ in range(200)], 96)
+    r = random.Random(SEED)
+    return CaptionTokenizer.train([" ".join(r.sample(words, 8)) for _ in range(200)], 96)
 
 
 @pytest.mark.parametrize("jsonl", [False, True])
-def test_folder_reads_every_image_and_caption(tmp_path, tok, jsonl):
-    rng = random.Random()
+def test_folder_reads_every_image_and_caption(tmp_path, tok, jsonl, rng):
     caps = make_folder(tmp_path, 31, rng, jsonl=jsonl)  # a prime
     spec = f"folder:{tmp_path}"
     check_spec(spec)
@@ -74,8 +91,8 @@ def test_folder_reads_every_image_and_caption(tmp_path, tok, jsonl):
     assert cs.images.shape == (len(cs), 3, S, S) and cs.images.dtype == torch.uint8
 
 
-def test_folder_csv_quoted_caption_and_split_is_stable(tmp_path):
-    write_image(tmp_path / "x.jpg", random.Random())
+def test_folder_csv_quoted_caption_and_split_is_stable(tmp_path, rng):
+    write_image(tmp_path / "x.jpg", rng)
     (tmp_path / "captions.csv").write_text('x.jpg,"He said ""hi"", then left"\nx.jpg,plain\n')
     (rec,) = [
         r for s in ("train", "val", "test") for r in load_split_records(f"folder:{tmp_path}", s)
@@ -83,14 +100,13 @@ def test_folder_csv_quoted_caption_and_split_is_stable(tmp_path):
     assert rec.captions == ['He said "hi", then left', "plain"]
     assert rec.path == tmp_path / "x.jpg"  # no images/ subfolder: images beside the captions
     # the split depends on the name only, so it is the same in every process and run
-    names = [f"{random.randrange(10**9)}.jpg" for _ in range(2000)]
+    names = [f"{rng.randrange(10**9)}.jpg" for _ in range(2000)]
     shares = {s: sum(folder_split(n) == s for n in names) / len(names) for s in ("train", "val")}
     assert 0.86 < shares["train"] < 0.94 and 0.02 < shares["val"] < 0.08
 
 
-@pytest.mark.skipif(not FLICKR.is_dir(), reason=f"shared Flickr folder {FLICKR} not present")
-def test_shared_flickr_folder(tok):
-    spec = f"folder:{FLICKR}"
+def test_shared_flickr_folder(tok, rng, flickr8k_1k):
+    spec = f"folder:{flickr8k_1k}"
     check_spec(spec)
     recs = {s: load_split_records(spec, s) for s in ("train", "val", "test")}
     allr = [r for v in recs.values() for r in v]
@@ -98,37 +114,38 @@ def test_shared_flickr_folder(tok):
     assert len({r.path for r in allr}) == 1000 and all(r.path.is_file() for r in allr)
     assert 850 < len(recs["train"]) < 950 and recs["val"] and recs["test"]
     # a caption with commas is kept whole (split on the first comma only; this file quotes it)
-    rows = (FLICKR / "captions.txt").read_text().splitlines()[1:]
+    rows = (flickr8k_1k / "captions.txt").read_text().splitlines()[1:]
     with_comma = next(r for r in rows if r.count(",") > 1)
     name, cap = with_comma.split(",", 1)
     assert cap.strip().strip('"') in next(r for r in allr if r.path.name == name).captions
     # real JPEGs of many sizes decode in workers into the model's size
     st = open_split(spec, "val", tokenizer=tok, image_size=S, max_len=16, in_memory=False)
-    b = next(st.batches(0, 0, 8, seed=random.randrange(100)))
+    b = next(st.batches(0, 0, 8, seed=rng.randrange(100)))
     assert b.images.shape == (8, 3, S, S) and b.images.float().std() > 10 and not st.bad
 
 
-def write_coco(path: Path, images: list[tuple[int, str]], caps: dict[int, list[str]]) -> None:
+def write_coco(
+    path: Path, images: list[tuple[int, str]], caps: dict[int, list[str]], rng: random.Random
+) -> None:
     ann = [
         {"id": 1000 * i + j, "image_id": i, "caption": c}
         for i, cs in caps.items()
         for j, c in enumerate(cs)
     ]
-    random.shuffle(ann)  # annotations are not grouped by image in the real files
+    rng.shuffle(ann)  # annotations are not grouped by image in the real files
     imgs = [{"id": i, "file_name": f, "height": 1, "width": 1} for i, f in images]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"info": {}, "images": imgs, "annotations": ann}))
 
 
-def test_coco_official_format(tmp_path, tok):
-    rng = random.Random()
+def test_coco_official_format(tmp_path, tok, rng):
     want = {}
     for split, n in (("train", 13), ("val", 7)):
         images = [(rng.randrange(10**6) * 2 + (split == "val"), f"{k:012d}.jpg") for k in range(n)]
         caps = {i: [f"caption {j} of {i}" for j in range(rng.randint(1, 5))] for i, _ in images}
         for _, f in images:
             write_image(tmp_path / f"{split}2017" / f, rng)
-        write_coco(tmp_path / "annotations" / f"captions_{split}2017.json", images, caps)
+        write_coco(tmp_path / "annotations" / f"captions_{split}2017.json", images, caps, rng)
         want[split] = (dict(images), caps)
     a = tmp_path / "annotations"
     spec = f"coco:{a}/captions_train2017.json,{a}/captions_val2017.json"
@@ -186,9 +203,8 @@ def test_bad_specs_raise_one_line(tmp_path):
         parse_spec(f"folder:{tmp_path}/none")
 
 
-def make_bad_folder(root: Path, n_good: int) -> list[str]:
+def make_bad_folder(root: Path, n_good: int, rng: random.Random) -> list[str]:
     """n_good images plus one of each bad record; returns the bad names."""
-    rng = random.Random()
     make_folder(root, n_good, rng)
     img = root / "images"
     write_image(img / "corrupt.jpg", rng)
@@ -208,14 +224,14 @@ def _all_records(spec):
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_bad_records_counted_and_skipped(tmp_path, tok, streamed, caplog):
-    bad = make_bad_folder(tmp_path, 96)
+def test_bad_records_counted_and_skipped(tmp_path, tok, streamed, caplog, rng):
+    bad = make_bad_folder(tmp_path, 96, rng)
     recs = _all_records(f"folder:{tmp_path}")
     kw = {"max_bad_fraction": 0.05, "name": "all"}
     if streamed:
         cs = StreamSet(recs, tok, S, 12, num_workers=0, **kw)
         # the corrupt JPEG is found only when decoded: its batch is one shorter
-        sizes = [len(b.ids) for b in cs.batches(0, 0, 97, seed=random.randrange(99))]
+        sizes = [len(b.ids) for b in cs.batches(0, 0, 97, seed=rng.randrange(99))]
         assert sizes == [96]
     else:
         cs = CaptionSet(recs, tok, S, 12, progress=False, **kw)
@@ -226,8 +242,7 @@ def test_bad_records_counted_and_skipped(tmp_path, tok, streamed, caplog):
         CaptionSet(recs, tok, S, 12, progress=False, max_bad_fraction=0.01)
 
 
-def test_streamed_bad_share_stops_the_run(tmp_path, tok):
-    rng = random.Random()
+def test_streamed_bad_share_stops_the_run(tmp_path, tok, rng):
     make_folder(tmp_path, 40, rng)
     recs = _all_records(f"folder:{tmp_path}")
     for r in recs[:3]:  # readable size, undecodable bytes: found only while streaming
@@ -239,9 +254,9 @@ def test_streamed_bad_share_stops_the_run(tmp_path, tok):
             pass
 
 
-def test_stream_matches_in_memory_and_resumes(tiny_shapes, tok):
+def test_stream_matches_in_memory_and_resumes(tiny_shapes, tok, rng):
     recs = load_split_records(f"shapes:{tiny_shapes}", "train")
-    seed, epoch, gb = random.randrange(1000), random.randrange(5), 24
+    seed, epoch, gb = rng.randrange(1000), rng.randrange(5), 24
     mem = CaptionSet(recs, tok, 32, 16, progress=False)
     full = list(StreamSet(recs, tok, 32, 16, num_workers=0).batches(epoch, 0, gb, seed=seed))
     want = list(mem.batches(epoch, 0, gb, seed=seed))

@@ -1,5 +1,6 @@
 """Decoding: the KV cache against a full recompute, beam search against greedy and against
-exhaustive enumeration, nucleus sampling, the logits processors, retrieval recall."""
+exhaustive enumeration, nucleus sampling, the logits processors, retrieval recall, and
+captions that never hold broken UTF-8."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import itertools
 import pytest
 import torch
 
+from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.generate import (
     apply_repetition_penalty,
     ban_repeated_ngrams,
     beam,
     check_controls,
+    decode_texts,
+    generate,
     greedy,
     length_penalty_factor,
     sample,
@@ -389,3 +393,27 @@ def test_precomputed_image_tokens_give_the_same_captions():
         assert torch.equal(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="image_tokens"):
         greedy(m, None)
+
+
+# ---------------------------------------------------------------------- text
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_captions_never_hold_replacement_characters(monkeypatch, strategy):
+    """A captioner that prefers the bytes of non-ASCII characters emits ids that are not valid
+    UTF-8 (as an early COCO run did); the texts made from them (``decode_texts``, what the
+    evaluation and fastcap-caption use) hold no U+FFFD."""
+    words = ["a", "red", "blue", "circle", "square", "left", "of", "the"]
+    tok = CaptionTokenizer.train([" ".join(words[i:] + words[:i]) for i in range(8)], 300)
+    m = tiny_model(vocab=tok.vocab_size, seed=0)
+    # the corpus is ASCII, so each byte of these characters is a token of its own
+    high = sorted(set(tok.encode("éü🦓中ñ")[1:]))
+    bias = torch.zeros(tok.vocab_size)
+    bias[high] = 6.0 + torch.rand(len(high))
+    plain = m.logits
+    monkeypatch.setattr(m, "logits", lambda h: plain(h) + bias)
+    kw = {"beam": {"num_beams": 3, "num_return_sequences": 2}, "sample": {"seed": 0}}
+    gen = generate(m, images(6, 1), strategy=strategy, max_new_tokens=7, **kw.get(strategy, {}))
+    texts = decode_texts(tok, gen)
+    assert not any("\ufffd" in t for t in texts), texts
+    # the ids were broken: the library's own byte-level decoder would have replaced bytes
+    lossy = [tok._tok.decode(row[: int(n)].tolist()) for row, n in zip(gen.tokens, gen.lens)]
+    assert any("\ufffd" in t for t in lossy), lossy

@@ -3,6 +3,8 @@ and switching kernels changes neither the state_dict nor the loss."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -159,23 +161,53 @@ def test_moe_block_uses_moe_ffn_and_routes_real_tokens_only(monkeypatch):
     assert seen == [int(lens.sum())] * 2  # two MoE layers, only real tokens routed
 
 
-@pytest.mark.parametrize("spec", ["auto", "ref"])
-def test_kernel_switch_keeps_state_dict_and_loss(monkeypatch, spec):
-    torch.manual_seed(0)
+# The ops with a Triton kernel (lce has none yet). They run on a GPU, or on the CPU under the
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+TRITON_OPS = ("attention", "moe", "siglip")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter"
+)
+@pytest.mark.parametrize(
+    "triton_ops", [(op,) for op in TRITON_OPS] + [TRITON_OPS], ids=lambda t: "+".join(t)
+)
+def test_kernel_switch_keeps_state_dict_loss_and_grads(monkeypatch, triton_ops):
+    """The same weights under FASTCAP_KERNELS=ref and ``ref,<op>=triton`` for ``triton_ops``:
+    the same state_dict keys, and the loss and every gradient agree to fp32 rounding; the Triton
+    kernels really ran."""
+    from fastcap.ops import dispatch
+
     cfg = tiny_cfg(moe=MoEConfig(enabled=True, num_experts=4, top_k=2, expert_hidden=16))
-    monkeypatch.setenv("FASTCAP_KERNELS", "ref")
-    m = Captioner(cfg).eval()
-    keys = list(m.state_dict())
-    images, tokens, lens = make_batch()
-    with torch.no_grad():
-        want = m(images, tokens, lens)["loss"]
-    monkeypatch.setenv("FASTCAP_KERNELS", spec)
-    torch.manual_seed(0)
-    m2 = Captioner(cfg).eval()
-    assert list(m2.state_dict()) == keys
-    with torch.no_grad():
-        got = m2(images, tokens, lens)["loss"]
-    assert torch.equal(got, want)
+    images, tokens, lens = (t.to(DEVICE) for t in make_batch(B=3, L=7))
+    picked = set()
+    resolve = dispatch.resolve
+
+    def spy(op, device):
+        impl = resolve(op, device)
+        picked.add((op, impl))
+        return impl
+
+    monkeypatch.setattr(dispatch, "resolve", spy)
+    runs = []
+    # the others stay ref on any device (auto would pick kernels for CUDA tensors)
+    for kernels in ("ref", ",".join(["ref", *(f"{op}=triton" for op in triton_ops)])):
+        monkeypatch.setenv("FASTCAP_KERNELS", kernels)
+        torch.manual_seed(0)
+        m = Captioner(cfg).to(DEVICE)
+        loss = m(images, tokens, lens)["loss"]
+        loss.backward()
+        runs.append(
+            (list(m.state_dict()), loss.detach(), {n: p.grad for n, p in m.named_parameters()})
+        )
+    (keys, want, want_g), (got_keys, got, got_g) = runs
+    assert got_keys == keys
+    assert {(op, "triton") for op in triton_ops} <= picked
+    assert not {(op, "triton") for op in TRITON_OPS if op not in triton_ops} & picked
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for n, g in want_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_diagnostics_are_finite():

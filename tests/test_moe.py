@@ -37,7 +37,7 @@ def draw(T, d, f, E, k, routing, dtype):
         ids = torch.rand(T, E, device=DEVICE).argsort(1)[:, :k]
     else:
         ids = torch.randint(0, E, (T, k), device=DEVICE)
-    # Router weights stay fp32 (DESIGN: router math in fp32) whatever the expert dtype.
+    # Router weights stay fp32 (docs/DESIGN.md 5: router math in fp32) whatever the expert dtype.
     tw = torch.rand(T, k, device=DEVICE)
     return x, w13, w2, ids, tw
 

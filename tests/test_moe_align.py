@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcap.ops import moe_align as ma
+from fastcap.common import moe_align as ma
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]

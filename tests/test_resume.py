@@ -9,23 +9,30 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 
-def _env():
+def _env(faults=None):
     e = dict(os.environ)
     e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref"})
+    if faults is not None:
+        e["FASTCAP_FAULTS"] = json.dumps(faults)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     return e
 
 
-def _cmd(args):
+FAULT_TRAIN = str(Path(__file__).with_name("fault_train.py"))
+
+
+def _cmd(args, faults=None):
+    """fastcap-train itself, or (with ``faults``) the same CLI with faults injected."""
+    entry = ["-m", "fastcap.cli.train"] if faults is None else [FAULT_TRAIN]
     return [
         sys.executable,
-        "-m",
-        "fastcap.cli.train",
+        *entry,
         "--no-progress",
         "--wandb",
         "disabled",
@@ -107,8 +114,8 @@ def test_nan_is_skipped_then_repeated_nan_stops(tiny_shapes, tiny_overrides, tmp
     ]
     one = tmp_path / "one"
     r = subprocess.run(
-        _cmd(["--out", str(one), *common, "--steps", "6", "inject_nan_steps=3"]),
-        env=_env(),
+        _cmd(["--out", str(one), *common, "--steps", "6"], faults=True),
+        env=_env({"nan": [[3, 0]]}),
         capture_output=True,
         text=True,
         timeout=900,
@@ -132,10 +139,10 @@ def test_nan_is_skipped_then_repeated_nan_stops(tiny_shapes, tiny_overrides, tmp
                 "--steps",
                 "20",
                 "max_bad_steps=3",
-                "inject_nan_steps=5,6,7,8",
-            ]
+            ],
+            faults=True,
         ),
-        env=_env(),
+        env=_env({"nan": [[5, 0], [6, 0], [7, 0], [8, 0]]}),
         capture_output=True,
         text=True,
         timeout=900,
@@ -145,7 +152,7 @@ def test_nan_is_skipped_then_repeated_nan_stops(tiny_shapes, tiny_overrides, tmp
     assert (many / "checkpoints" / "latest").read_text().strip() == "step00000007"
     # the checkpoint holds the last good weights: resuming trains on with finite losses
     r = subprocess.run(
-        _cmd(["--resume", str(many), "max_steps=9", "inject_nan_steps="]),
+        _cmd(["--resume", str(many), "max_steps=9"]),
         env=_env(),
         capture_output=True,
         text=True,

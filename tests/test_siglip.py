@@ -208,7 +208,7 @@ def _free_port() -> int:
 def _rank_main(rank, world, port, kernels, sizes, img, txt, ls, lb, out_dir):
     import torch.distributed as dist
 
-    from fastcap.ops.siglip_dist import siglip_loss_distributed
+    from fastcap.ops import siglip_loss_distributed
 
     os.environ["FASTCAP_KERNELS"] = kernels
     dist.init_process_group(
@@ -220,8 +220,9 @@ def _rank_main(rank, world, port, kernels, sizes, img, txt, ls, lb, out_dir):
         leaves = [x.detach().clone().requires_grad_() for x in mine]
         loss = siglip_loss_distributed(*leaves)
         loss.backward()
+        local = siglip_loss_distributed(*mine, mean_over="local")  # the per-rank mean
         torch.save(
-            {"loss": loss.detach(), "grads": [x.grad for x in leaves]},
+            {"loss": loss.detach(), "local": local.detach(), "grads": [x.grad for x in leaves]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -256,6 +257,8 @@ def test_distributed_matches_single_process(kernels, sizes, tmp_path):
     mp.spawn(_rank_main, args=args, nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert_close(sum(r["loss"] for r in res), want, torch.float32, "sum of rank losses")
+    for r, n in zip(res, sizes):  # mean_over="local": the same rows divided by B_r, not B
+        assert_close(r["local"], r["loss"] * B / n, torch.float32, "local mean")
     for i, name in enumerate(("d img", "d txt")):  # each rank owns its rows of the gradient
         got = torch.cat([r["grads"][i] for r in res])
         assert_close(got, want_grads[i], torch.float32, name)
@@ -266,7 +269,7 @@ def test_distributed_matches_single_process(kernels, sizes, tmp_path):
 
 
 def test_distributed_without_process_group_is_single_process():
-    from fastcap.ops.siglip_dist import siglip_loss_distributed
+    from fastcap.ops import siglip_loss_distributed
 
     img, txt, ls, lb = make_inputs(9, 16, torch.float32, math.log(10.0), -10.0, device="cpu")
     got = siglip_loss_distributed(img, txt, ls, lb)

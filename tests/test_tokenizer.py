@@ -1,5 +1,6 @@
 """The caption tokenizer: special ids, exact round trip of the shapes captions, save/load,
-batching, decoding rules (stop at eos, drop specials), unknown characters, bad input."""
+batching, decoding rules (stop at eos, drop specials, repair broken UTF-8), unknown characters,
+bad input."""
 
 from __future__ import annotations
 
@@ -80,12 +81,50 @@ def test_unknown_characters(tok):
     assert "<unk>" not in tok.decode(ids)
 
 
-def test_full_byte_alphabet_when_vocab_allows(corpus):
-    big = CaptionTokenizer.train(corpus[0], vocab_size=300)
+def test_full_byte_alphabet_when_vocab_allows(big):
     for text in ["a zebra! ünïcödé 🦓", "tabs\tand  double  spaces", "x"]:
         ids = big.encode(text)
         assert big.unk_id not in ids
         assert big.decode(ids) == text.lower()
+
+
+@pytest.fixture(scope="module")
+def big(corpus):
+    """The full 256-byte alphabet: any byte sequence, valid UTF-8 or not, can be emitted."""
+    return CaptionTokenizer.train(corpus[0], vocab_size=300)
+
+
+def test_decode_drops_broken_utf8(big):
+    # the corpus is ASCII, so every byte of a non-ASCII character is its own token
+    e_acute = big.encode("é")[1:]  # after the prefix space: 0xC3, 0xA9
+    zebra = big.encode("🦓")[1:]  # 0xF0 0x9F 0xA6 0x93
+    assert len(e_acute) == 2 and len(zebra) == 4
+    red = big.encode("a red")
+    # a character cut mid-way at the end: its leading bytes go
+    assert big.decode(red + big.encode(" é")[:-1]) == "a red "
+    for cut in (1, 2, 3):
+        assert big.decode(red + big.encode(" 🦓")[:-cut]) == "a red "
+    # a stray continuation byte at the start, or a lead byte inside, goes too
+    assert big.decode(e_acute[1:] + red) == "a red"
+    assert big.decode(zebra[2:] + red) == "a red"
+    assert big.decode(big.encode("a") + zebra[:1] + big.encode(" red")) == "a red"
+    # valid sequences are unchanged
+    for text in ["a red é", "🦓 a zebra", "ünïcödé 🦓é", "a red"]:
+        assert big.decode(big.encode(text)) == text
+    # a literal U+FFFD is the mark of bytes broken upstream: never returned either
+    assert big.decode(big.encode("a \ufffd red")) == "a  red"
+
+
+def test_decode_of_random_ids_drops_what_the_library_would_replace(big):
+    """Any id sequence: no U+FFFD, and exactly the library's (lossy) text without its
+    replacement characters, so a valid sequence decodes as it always did."""
+    rng = np.random.default_rng()
+    for _ in range(300):
+        ids = rng.integers(4, big.vocab_size, int(rng.integers(1, 12))).tolist()
+        text = big.decode(ids)
+        assert "\ufffd" not in text, ids
+        lossy = big._tok.decode(ids).replace("\ufffd", "")
+        assert text == (lossy[1:] if lossy.startswith(" ") else lossy), ids
 
 
 def test_save_load(tmp_path, tok, corpus):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -206,18 +205,14 @@ def test_zero3_two_processes_partition_learn_and_match_one(tiny_shapes, tiny_ove
         assert a["loss/clip"] == pytest.approx(b["loss/clip"], rel=2e-2), (a, b)
 
 
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not FLICKR.is_dir(), reason=f"shared Flickr photos not found at {FLICKR}")
-def test_trains_on_real_flickr_photos(tiny_overrides, tmp_path):
+def test_trains_on_real_flickr_photos(tiny_overrides, tmp_path, flickr8k_1k):
     """End to end on real JPEGs of many sizes through --data folder:..."""
     out = tmp_path / "flickr"
     r = run_train(
         [
             "--data",
-            f"folder:{FLICKR}",
+            f"folder:{flickr8k_1k}",
             "--out",
             str(out),
             *tiny_overrides,

@@ -20,13 +20,11 @@ from PIL import Image
 
 from fastcap.cli.data import main as data_main
 from fastcap.data.captionset import CaptionSet
-from fastcap.data.karpathy import DataError
+from fastcap.data.records import DataError, encode_caption
 from fastcap.data.sources import check_spec, load_split_records, open_split
-from fastcap.data.stream import encode_caption
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.data.wds import WdsSet
 
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
 S = 16
 
 
@@ -101,13 +99,12 @@ def test_shard_writer_round_trips_every_sample(tiny_shapes, tmp_path):
     assert {r.id: r.captions for r in back} == {r.id: r.captions for r in recs}
 
 
-@pytest.mark.skipif(not FLICKR.is_dir(), reason=f"shared Flickr folder {FLICKR} not present")
-def test_shard_from_flickr_folder(tmp_path, tok):
+def test_shard_from_flickr_folder(tmp_path, tok, flickr8k_1k):
     out = tmp_path / "fl"
-    assert data_main(["shard", "--from", str(FLICKR), "--out", str(out), "--shard-size", "16",
+    assert data_main(["shard", "--from", str(flickr8k_1k), "--out", str(out), "--shard-size", "16",
                       "--split", "val"]) == 0  # fmt: skip
     spec = f"wds:{out}/{{split}}-{{000000..000099}}.tar"  # a range wider than what exists
-    recs = load_split_records(f"folder:{FLICKR}", "val")
+    recs = load_split_records(f"folder:{flickr8k_1k}", "val")
     cs = open_split(spec, "val", tokenizer=tok, image_size=S, max_len=16, in_memory=True)
     assert isinstance(cs, CaptionSet) and sorted(r.id for r in cs.records) == [r.id for r in recs]
     assert not cs.bad and cs.images.shape == (len(recs), 3, S, S)
@@ -167,7 +164,7 @@ def test_bad_samples_counted_skipped_and_threshold(tmp_path, tok, caplog):
 
 _RANK_SCRIPT = """
 import json, os, sys
-from fastcap.data.stream import encode_caption
+from fastcap.data.records import encode_caption
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.data.sources import open_split
 tok = CaptionTokenizer.load(sys.argv[2])

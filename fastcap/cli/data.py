@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 0:
         args.parser.error(f"--workers must be >= 0, got {args.workers}")
-    from fastcap.data.karpathy import DataError
+    from fastcap.data.records import DataError
     from fastcap.data.shapes import DatasetArgumentError
 
     try:

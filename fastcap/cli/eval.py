@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _fail(str(e))
     from fastcap.data.captionset import CaptionSet
-    from fastcap.data.karpathy import DataError
+    from fastcap.data.records import DataError
     from fastcap.data.sources import load_split_records, open_split
     from fastcap.runs import RunError, load_run
     from fastcap.train.evaluate import coco_results, evaluate_split

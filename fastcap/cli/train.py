@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from fastcap.data.karpathy import DataError
+from fastcap.data.records import DataError
 from fastcap.train.config import PRESETS, ConfigError, build
 
 
@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = None
         if args.resume:  # continue with the run's own config; overrides still apply on top
-            from fastcap.train.loop import check_run_dir
+            from fastcap.train.checkpoint import check_run_dir
 
             base = json.loads((check_run_dir(args.resume) / "config.json").read_text())
         cfg = build(args.preset, args.config, overrides, base=base)
+        from fastcap.train.checkpoint import CheckpointError
         from fastcap.train.loop import NonFiniteError, Trainer
 
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"fastcap-train: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointError) as e:
         print(f"fastcap-train: error: {e}", file=sys.stderr)
         return 1
     return 0

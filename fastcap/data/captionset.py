@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from fastcap.data.images import read_image
-from fastcap.data.karpathy import DataError, Record
+from fastcap.data.records import Batch, DataError, Record
 
 log = logging.getLogger("fastcap.data")
-
-
-@dataclass
-class Batch:
-    images: Tensor  # (B, 3, S, S) uint8
-    tokens: Tensor  # (B, L) int64: bos, caption, eos, pad
-    lens: Tensor  # (B,) int64
-    ids: list[int]
 
 
 class CaptionSet:

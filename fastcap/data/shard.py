@@ -19,8 +19,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from fastcap.data.karpathy import DataError, Record
-from fastcap.data.stream import BadTracker, precheck
+from fastcap.data.records import BadTracker, DataError, Record, precheck
 
 log = logging.getLogger("fastcap.data")
 

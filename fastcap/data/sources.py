@@ -1,5 +1,7 @@
 """Every data format behind one call: ``open_split(spec, split, ...)`` for training and
-``load_split_records(spec, split)`` for evaluation and tokenizer training.
+``load_split_records(spec, split)`` for evaluation and tokenizer training. The ``--data`` spec
+is parsed here (:func:`parse_spec`, :func:`check_spec`) and only here; this is the one module of
+:mod:`fastcap.data` that imports the format readers, which know only their own format.
 
 Formats (``--data kind:path``) and how each assigns splits:
 
@@ -35,14 +37,75 @@ import tempfile
 from pathlib import Path
 
 from fastcap.data.captionset import CaptionSet
-from fastcap.data.karpathy import DataError, Record, load_records, parse_spec
+from fastcap.data.karpathy import load_records
+from fastcap.data.records import DataError, Record
+from fastcap.data.stream import StreamSet
+from fastcap.data.wds import WdsSet, expand_shards, iter_records
 
+KINDS = ("shapes", "karpathy", "coco", "folder", "wds")
+# the caption files a folder dataset may hold, in the order they are looked for
+FOLDER_CAPTIONS = ("captions.csv", "captions.txt", "captions.jsonl")
 IN_MEMORY_MAX = 50_000
 SPLITS = ("train", "val", "test")
 COCO_FORMAT = (
     "official COCO captions JSON: {'images': [{'id', 'file_name'}], "
     "'annotations': [{'image_id', 'caption'}]}"
 )
+
+
+def parse_spec(spec: str, image_root: str | None = None) -> tuple[str, Path, Path]:
+    """``kind:path`` -> (kind, annotation file, image root). Raises DataError before any work."""
+    if ":" not in spec:
+        raise DataError(
+            f"--data {spec!r}: write kind:path with kind one of {', '.join(KINDS)} "
+            "(e.g. shapes:data/shapes)"
+        )
+    kind, path = spec.split(":", 1)
+    if kind not in KINDS:
+        raise DataError(f"--data {spec!r}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+    p = Path(path)
+    if kind == "shapes":
+        ann = p / "dataset.json"
+        if not ann.is_file():
+            raise DataError(
+                f"--data {spec!r}: {ann} not found; generate it with "
+                f"`fastcap-data shapes --out {p}`"
+            )
+        return kind, ann, Path(image_root) if image_root else p
+    if kind == "coco":
+        files = coco_files(spec, image_root)  # checks every file exists; DataError otherwise
+        return kind, files[0][0], files[0][2]
+    if kind == "folder":
+        if not p.is_dir():
+            raise DataError(
+                f"--data {spec!r}: {p} is not a folder (a folder of images with a "
+                f"{' / '.join(FOLDER_CAPTIONS)} file of image,caption rows)"
+            )
+        ann = next((p / n for n in FOLDER_CAPTIONS if (p / n).is_file()), None)
+        if ann is None:
+            raise DataError(
+                f"--data {spec!r}: no captions file in {p}; expected one of "
+                f"{', '.join(FOLDER_CAPTIONS)} (CSV rows image,caption or JSONL "
+                '{"image": ..., "caption": ...})'
+            )
+        if image_root:
+            return kind, ann, Path(image_root)
+        return kind, ann, p / "images" if (p / "images").is_dir() else p
+    if kind == "wds":
+        # a pattern with {split} may hold only some splits (eval-only shards); one must exist
+        for split in ("train", "val", "test"):
+            try:
+                shards = expand_shards(path, split, spec=spec)
+                return kind, Path(shards[0]), Path(shards[0]).parent
+            except DataError:
+                if split == "test" or "{split}" not in path:
+                    raise
+
+    if not p.is_file():
+        raise DataError(
+            f"--data {spec!r}: {p} not found (a Karpathy-split JSON such as dataset_coco.json)"
+        )
+    return kind, p, Path(image_root) if image_root else p.parent
 
 
 def coco_files(spec: str, image_root: str | None = None) -> list[tuple[Path, str, Path]]:
@@ -153,8 +216,6 @@ def load_split_records(spec: str, split: str, image_root: str | None = None) -> 
         ]
     if kind == "folder":
         return [r for r in read_folder(ann, root) if r.split == split]
-    from fastcap.data.wds import expand_shards, iter_records
-
     try:
         expand_shards(spec.split(":", 1)[1], split, spec=spec)
     except DataError:
@@ -164,8 +225,6 @@ def load_split_records(spec: str, split: str, image_root: str | None = None) -> 
 
 def _wds_in_memory(pattern: str, split: str, tokenizer, image_size, max_len, **kw) -> CaptionSet:
     """A (small) wds split decoded into a CaptionSet, through a temporary folder of its images."""
-    from fastcap.data.wds import iter_records
-
     with tempfile.TemporaryDirectory(prefix="fastcap-wds-") as d:
         recs = []
         for n, (rec, img) in enumerate(iter_records(pattern, split)):
@@ -210,8 +269,6 @@ def open_split(
                 max_bad_fraction=max_bad_fraction,
                 name=name,
             )
-        from fastcap.data.wds import WdsSet
-
         return WdsSet(
             pattern,
             split,
@@ -234,8 +291,6 @@ def open_split(
             max_bad_fraction=max_bad_fraction,
             name=name,
         )
-    from fastcap.data.stream import StreamSet
-
     return StreamSet(
         recs,
         tokenizer,

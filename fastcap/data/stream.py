@@ -15,115 +15,22 @@ raises on a bad image.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fastcap.data.captionset import Batch
 from fastcap.data.images import read_image
-from fastcap.data.karpathy import DataError, Record
-
-log = logging.getLogger("fastcap.data")
-
-# bad records named in the log before we only count them
-LOG_FIRST = 5
-# the bad-share check waits for this many samples, so that one bad image among the first ten
-# does not stop a run whose share over the whole split is tiny
-MIN_SEEN = 1000
-
-
-def short_reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-
-
-def decode_bytes(data: bytes, size: int) -> Tensor:
-    """Encoded image bytes -> uint8 (3, size, size), as :func:`fastcap.data.images.read_image`."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    if not data:
-        raise ValueError("zero-byte image")
-    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
-    if img.dtype != torch.uint8:
-        img = TF.to_dtype(img, torch.uint8, scale=True)
-    if img.shape[-2:] != (size, size):
-        img = TF.resize(img, size, antialias=True)
-        img = TF.center_crop(img, [size, size])
-    return img.contiguous()
-
-
-def encode_caption(tokenizer, caption: str, max_len: int) -> list[int]:
-    """bos, caption tokens (cut to fit), eos — the layout CaptionSet uses."""
-    ids = tokenizer.encode_batch([caption])[0]
-    return [tokenizer.bos_id, *ids[: max_len - 2], tokenizer.eos_id]
-
-
-def collate(images: list[Tensor], seqs: list[list[int]], ids: list[int], pad_id: int) -> Batch:
-    """Decoded samples -> Batch(images (b, 3, S, S) uint8, tokens (b, L), lens (b,), ids)."""
-    lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    tokens = torch.full((len(seqs), int(lens.max())), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s)
-    return Batch(torch.stack(images), tokens, lens, ids)
-
-
-class BadTracker:
-    """Counts bad records (distinct by name), logs the first few, enforces the threshold."""
-
-    def __init__(self, name: str, total: int, max_bad_fraction: float):
-        self.name, self.total, self.max_fraction = name, total, max_bad_fraction
-        self.bad: list[tuple[str, str]] = []
-        self._names: set[str] = set()
-        self.seen = 0
-
-    def add(self, path, reason: str) -> None:
-        key = str(path)
-        if key in self._names:  # the same bad image comes back every epoch
-            return
-        self._names.add(key)
-        self.bad.append((key, reason))
-        if len(self.bad) <= LOG_FIRST:
-            log.warning("%s: skipped bad record %s (%s)", self.name, key, reason)
-        elif len(self.bad) == LOG_FIRST + 1:
-            log.warning("%s: more bad records; only counting from now on", self.name)
-
-    def check(self) -> None:
-        """DataError once the bad share of the records seen so far exceeds the threshold."""
-        seen = min(max(self.seen, len(self.bad)), self.total)
-        if seen < min(MIN_SEEN, self.total) or not self.bad:
-            return
-        if len(self.bad) / seen > self.max_fraction:
-            raise DataError(
-                f"{self.name}: {len(self.bad)} of {seen} records are bad "
-                f"({100 * len(self.bad) / seen:.1f}% > {100 * self.max_fraction:.1f}%), "
-                f"first: {self.bad[0][0]} ({self.bad[0][1]}); fix the data or raise the threshold"
-            )
-
-
-def precheck(records: list[Record], tracker: BadTracker) -> list[Record]:
-    """Records whose file exists, is not empty and that have a non-empty caption."""
-    kept = []
-    for rec in records:
-        caps = [c.strip() for c in rec.captions if c.strip()]
-        if not caps:
-            tracker.add(rec.path, "no non-empty caption")
-            continue
-        try:
-            size = Path(rec.path).stat().st_size
-        except OSError as e:
-            tracker.add(rec.path, short_reason(e))
-            continue
-        if size == 0:
-            tracker.add(rec.path, "zero-byte file")
-            continue
-        rec.captions = caps
-        kept.append(rec)
-    tracker.seen = len(records)
-    return kept
+from fastcap.data.records import (
+    BadTracker,
+    Batch,
+    DataError,
+    Record,
+    collate,
+    encode_caption,
+    precheck,
+    short_reason,
+)
 
 
 class _Decode(Dataset):

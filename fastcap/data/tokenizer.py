@@ -12,6 +12,12 @@ Alphabet: a byte-level BPE normally starts from all 256 byte symbols. When ``voc
 room for them they are all kept and no text ever needs ``<unk>``; a small vocabulary (the shapes
 captions need about 30 characters and 25 words, so 64-128 is plenty) starts from the characters
 seen in training instead, and a character never seen there encodes to ``<unk>``.
+
+Decoding never returns U+FFFD: a byte-level BPE can emit ids whose bytes are not valid UTF-8 (a
+character cut mid-way, a stray continuation byte), which the library's own decoder turns into
+replacement characters. :meth:`CaptionTokenizer.decode` joins the tokens' bytes itself and drops
+the bytes that do not form a whole character (and a literal U+FFFD, itself the mark of broken
+bytes upstream).
 """
 
 from __future__ import annotations
@@ -26,6 +32,27 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # in id order
 
 
+def _byte_of_symbol() -> dict[str, int]:
+    """The byte-level alphabet inverted: symbol -> byte. GPT-2's table, which ``tokenizers``'
+    ByteLevel uses: printable bytes stand for themselves, the other 68 are shifted to 256+."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+_BYTE_OF_SYMBOL = _byte_of_symbol()
+
+
+def _token_bytes(token: str) -> bytes:
+    """The bytes a vocabulary token stands for; a character outside the byte-level alphabet
+    (not made by this tokenizer's trainer) stands for its own UTF-8."""
+    return b"".join(
+        bytes([_BYTE_OF_SYMBOL[c]]) if c in _BYTE_OF_SYMBOL else c.encode() for c in token
+    )
+
+
 class CaptionTokenizer:
     """A trained byte-level BPE with pad/bos/eos ids. Build with :meth:`train` or :meth:`load`."""
 
@@ -37,7 +64,11 @@ class CaptionTokenizer:
                     f"has {tokenizer.token_to_id(tok)}"
                 )
         self._tok = tokenizer
-        self._special_ids = frozenset(range(len(SPECIALS)))
+        # id -> bytes, specials empty: decode is a join and one UTF-8 decode
+        self._bytes = [
+            b"" if i < len(SPECIALS) else _token_bytes(tokenizer.id_to_token(i) or "")
+            for i in range(tokenizer.get_vocab_size())
+        ]
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -117,14 +148,17 @@ class CaptionTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: stops at the first ``<eos>``, drops the other specials (``<unk>``
-        included). Raises ValueError for an id outside the vocabulary."""
+        included) and every byte that is not part of a whole UTF-8 character (the bytes of a
+        character cut mid-way, a stray continuation byte), so the text never holds U+FFFD.
+        Raises ValueError for an id outside the vocabulary."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        text = self._tok.decode([i for i in ids if i not in self._special_ids])
+        raw = b"".join(self._bytes[i] for i in ids)
+        text = raw.decode("utf-8", errors="ignore").replace("\ufffd", "")
         # The pre-tokenizer put one space before the first word; take exactly that one back.
         return text[1:] if text.startswith(" ") else text
 

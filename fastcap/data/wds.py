@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import random
 import tarfile
 from collections.abc import Iterator
@@ -37,9 +38,16 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from fastcap.data.captionset import Batch
-from fastcap.data.karpathy import DataError, Record
-from fastcap.data.stream import BadTracker, collate, decode_bytes, encode_caption, short_reason
+from fastcap.data.images import decode_bytes
+from fastcap.data.records import (
+    BadTracker,
+    Batch,
+    DataError,
+    Record,
+    collate,
+    encode_caption,
+    short_reason,
+)
 
 log = logging.getLogger("fastcap.data")
 
@@ -243,8 +251,6 @@ class WdsSet:
         max_bad_fraction: float = 0.01,
         world: int | None = None,
     ):
-        import os
-
         self.pattern, self.split = pattern, split
         self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer

@@ -9,6 +9,8 @@ its unimodal state is the text embedding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from fastcap.model.decoder import TextDecoder
 from fastcap.model.layers import Attention
 from fastcap.model.moe import MoE
 from fastcap.model.vision import VisionEncoder
-from fastcap.ops import linear_cross_entropy, siglip_loss, siglip_loss_distributed
+from fastcap.ops import linear_cross_entropy, siglip_loss_distributed
 
 IGNORE = -100
 
@@ -68,6 +70,12 @@ class Captioner(nn.Module):
 
     def image_kv(self, img_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
         return self.decoder.image_kv(img_tokens)
+
+    def contrastive_scale(self) -> Tensor:
+        """0-d log temperature, clamped at log(siglip_scale_max): unbounded, exp(t) overflows
+        the logits (CLIP clamps at 100 for the same reason). Above the bound its gradient is 0.
+        """
+        return self.logit_scale[0].clamp(max=math.log(self.cfg.siglip_scale_max))
 
     def logits(self, h: Tensor) -> Tensor:
         """Tied output head: (..., d) -> (..., V) in fp32."""
@@ -123,17 +131,16 @@ class Captioner(nn.Module):
         ce = linear_cross_entropy(
             h[mask], self.decoder.embed.weight, tgt[mask], label_smoothing=cfg.label_smoothing
         )
+        if tf_p < 1.0:
+            # the text tower reads the gold caption: the mixed inputs hold tokens predicted
+            # from the image, through which the contrastive loss could copy the image
+            uni = self.decoder.unimodal(tokens, lens)
         txt_emb = self.decoder.text_embedding(uni, lens)
         img_n, txt_n = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
-        world = _world_size()
-        if world > 1:
-            # negatives from every rank's texts; x world because the engine averages gradients
-            # over ranks, so each rank's term weighs like the single-process loss
-            clip = world * siglip_loss_distributed(
-                img_n, txt_n, self.logit_scale[0], self.logit_bias[0]
-            )
-        else:
-            clip = siglip_loss(img_n, txt_n, self.logit_scale[0], self.logit_bias[0])
+        scale = self.contrastive_scale()
+        # with data-parallel ranks: this rank's images against every rank's texts, divided by
+        # the local batch, so the engine's gradient average weighs it like one process's loss
+        clip = siglip_loss_distributed(img_n, txt_n, scale, self.logit_bias[0], mean_over="local")
         loss = ce + cfg.lambda_clip * clip + cfg.lambda_aux * aux
         n_caption = (lens - 2).clamp(min=0).sum().clamp(min=1)
         out = {
@@ -142,7 +149,7 @@ class Captioner(nn.Module):
             "clip": clip.detach(),
             "aux": aux.detach(),
             "tf_pred": (n_pred.float() / n_caption).detach(),
-            "logit_scale": self.logit_scale.detach()[0].clone(),
+            "logit_scale": scale.detach().clone(),
         }
         if capture:
             out.update(self._diagnostics(img_tokens, h, lens))
@@ -179,13 +186,6 @@ class Captioner(nn.Module):
         return out
 
 
-def _world_size() -> int:
-    """Data-parallel world size (1 outside torch.distributed); not a DeepSpeed dependency."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _entropy(p: Tensor | None, qmask: Tensor | None) -> Tensor:
     """Mean over real query rows of H(row) / log(#keys the row sees), in [0, 1]."""
     if p is None:
@@ -200,8 +200,3 @@ def _entropy(p: Tensor | None, qmask: Tensor | None) -> Tensor:
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe(model: Captioner) -> str:
-    n = param_count(model)
-    return f"{n / 1e6:.2f}M parameters"

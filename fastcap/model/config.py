@@ -83,6 +83,8 @@ class ModelConfig:
     """Initial logit_scale (log temperature): log 10."""
     siglip_bias_init: float = -10.0
     """Initial logit_bias."""
+    siglip_scale_max: float = 100.0
+    """Upper bound of the contrastive temperature exp(logit_scale) (CLIP's 100)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts settings."""
 
@@ -113,5 +115,7 @@ class ModelConfig:
                 f"image_size {self.image_size} / trunk_stride {self.trunk_stride} = {grid} "
                 f"cells must be >= 1 and divisible by patch {self.patch}"
             )
+        if not self.siglip_scale_max > 0:
+            raise ValueError(f"siglip_scale_max {self.siglip_scale_max} must be > 0")
         if self.moe.enabled and self.moe.top_k > self.moe.num_experts:
             raise ValueError(f"moe.top_k {self.moe.top_k} > moe.num_experts {self.moe.num_experts}")

@@ -113,6 +113,15 @@ class TextDecoder(nn.Module):
                 uni = x
         return self.norm(x), uni, aux
 
+    def unimodal(self, tokens: Tensor, lens: Tensor) -> Tensor:
+        """The unimodal layers alone over full sequences (B, L) -> (B, L, d): the text tower."""
+        L = tokens.shape[1]
+        valid = torch.arange(L, device=tokens.device)[None, :] < lens[:, None]
+        x = self.embed(tokens)
+        for layer in self.layers[: self.cfg.unimodal_layers]:
+            x, _ = layer(x, kv_lens=lens, valid=valid, img_kv=None)
+        return x
+
     def text_embedding(self, uni: Tensor, lens: Tensor) -> Tensor:
         """Unimodal state at the end-of-text position lens - 1 -> (B, embed_dim)."""
         last = uni[torch.arange(uni.shape[0], device=uni.device), lens - 1]

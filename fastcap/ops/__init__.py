@@ -6,9 +6,10 @@ implementation that :mod:`fastcap.ops.dispatch` picks from ``FASTCAP_KERNELS``.
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import Tensor
 
-from fastcap.ops import dispatch
+from fastcap.ops import dispatch, siglip_dist
 
 __all__ = ["attention", "moe_ffn", "siglip_loss", "linear_cross_entropy", "dispatch"]
 
@@ -174,6 +175,51 @@ def linear_cross_entropy(
     return fn(h, weight, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
-from fastcap.ops.siglip_dist import siglip_loss_distributed  # noqa: E402  (uses dispatch)
+def siglip_loss_distributed(
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    *,
+    group=None,
+    mean_over: str = "global",
+) -> Tensor:
+    """This rank's share of the sigmoid contrastive loss over the batch of all ranks.
+
+    Args:
+        img, txt: (B_r, d) this rank's L2-normalised embeddings; row i of each is a positive
+            pair. B_r >= 1 may differ between ranks; d, dtype and device must agree.
+        logit_scale: 0-d, log of the temperature t (the same value on every rank).
+        logit_bias: 0-d bias b (the same value on every rank).
+        group: the process group (default: the world). Without an initialised process group
+            or with one rank this is :func:`siglip_loss`.
+        mean_over: ``"global"`` divides this rank's pair sum by the global batch, so the sum
+            over ranks equals the single-process loss on the concatenated batch; ``"local"``
+            divides by this rank's batch B_r: the mean over its images, which is what an engine
+            that averages gradients over ranks needs (see :mod:`fastcap.ops.siglip_dist`).
+
+    Returns:
+        0-d fp32: sum over this rank's images i and ALL ranks' texts j of
+        -log sigmoid(z_ij * (t img_i . txt_j + b)), divided as ``mean_over`` says.
+    """
+    _need(mean_over in ("global", "local"), f"mean_over {mean_over!r}: use global or local")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return siglip_loss(img, txt, logit_scale, logit_bias)
+    _need(
+        img.dim() == 2 and img.shape == txt.shape and img.shape[0] >= 1,
+        f"siglip_loss_distributed: img and txt must both be (B_r >= 1, d); got "
+        f"{tuple(img.shape)}, {tuple(txt.shape)}",
+    )
+    _need(
+        img.dtype == txt.dtype,
+        f"siglip_loss_distributed: img {img.dtype} and txt {txt.dtype} differ",
+    )
+    _need(
+        logit_scale.dim() == 0 and logit_bias.dim() == 0,
+        f"siglip_loss_distributed: logit_scale and logit_bias must be 0-d; got "
+        f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}",
+    )
+    return siglip_dist.siglip_loss_distributed(img, txt, logit_scale, logit_bias, group, mean_over)
+
 
 __all__ += ["siglip_loss_distributed"]

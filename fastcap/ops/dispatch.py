@@ -1,6 +1,6 @@
 """The one place that reads ``FASTCAP_KERNELS`` and picks an implementation per op.
 
-Grammar (see DESIGN.md):
+Grammar (see docs/DESIGN.md, section 2 "The op seam"):
 
 * ``auto`` (default): Triton/CUDA for CUDA tensors, the PyTorch reference for CPU tensors.
 * ``ref`` | ``triton`` | ``cuda``: force that implementation for every op.

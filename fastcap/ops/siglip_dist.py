@@ -15,9 +15,10 @@ corresponding rows of the single-process gradient of the global loss, and its ``
 gradient). Backward is a collective: every rank must call it.
 
 With an engine that AVERAGES gradients over ranks (DDP, DeepSpeed), every gradient ends up as
-the global loss's divided by the world size W; multiply this loss by W (or, equivalently, use
-open_clip's convention of dividing by the local batch) if the contrastive term should weigh
-the same at every W relative to a per-rank mean loss.
+the global loss's divided by the world size W. ``mean_over="local"`` divides this rank's rows
+by its LOCAL batch instead (open_clip's convention): the mean over this rank's images of the
+loss against every text, which, averaged over ranks by the engine, weighs the contrastive term
+as the single-process loss does (exactly so when the local batches are equal).
 
 The pair terms of one rank's rows never leave that rank; only the (B_global, d) texts and their
 gradient cross the wire. Local batch sizes may differ between ranks (e.g. the last, short
@@ -73,40 +74,15 @@ class _GatherRows(torch.autograd.Function):
 
 
 def siglip_loss_distributed(
-    img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, group=None
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    group,
+    mean_over: str = "global",
 ) -> Tensor:
-    """This rank's share of the sigmoid contrastive loss over the batch of all ranks.
-
-    Args:
-        img, txt: (B_r, d) this rank's L2-normalised embeddings; row i of each is a positive
-            pair. B_r >= 1 may differ between ranks; d, dtype and device must agree.
-        logit_scale: 0-d, log of the temperature t (the same value on every rank).
-        logit_bias: 0-d bias b (the same value on every rank).
-        group: the process group (default: the world). Without an initialised process group
-            or with one rank this is :func:`fastcap.ops.siglip_loss`.
-
-    Returns:
-        0-d fp32: sum over this rank's images i and ALL ranks' texts j of
-        -log sigmoid(z_ij * (t img_i . txt_j + b)), divided by the global batch size. The sum
-        over ranks equals the single-process loss on the concatenated batch. See the module
-        docstring for how the gradients are distributed.
-    """
-    from fastcap.ops import siglip_loss  # the validated single-process op
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return siglip_loss(img, txt, logit_scale, logit_bias)
-    if not (img.dim() == 2 and img.shape == txt.shape and img.shape[0] >= 1):
-        raise ValueError(
-            f"siglip_loss_distributed: img and txt must both be (B_r >= 1, d); got "
-            f"{tuple(img.shape)}, {tuple(txt.shape)}"
-        )
-    if img.dtype != txt.dtype:
-        raise ValueError(f"siglip_loss_distributed: img {img.dtype} and txt {txt.dtype} differ")
-    if logit_scale.dim() != 0 or logit_bias.dim() != 0:
-        raise ValueError(
-            f"siglip_loss_distributed: logit_scale and logit_bias must be 0-d; got "
-            f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}"
-        )
+    """The per-rank term; :func:`fastcap.ops.siglip_loss_distributed` validates and calls it
+    with an initialised group of more than one rank."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     # One tiny collective (and a host sync) per call buys support for unequal local batches.
     mine = torch.tensor([img.shape[0]], dtype=torch.int64, device=img.device)
@@ -114,5 +90,6 @@ def siglip_loss_distributed(
     dist.all_gather(all_sizes, mine, group=group)
     sizes = torch.cat(all_sizes).tolist()
     txt_all = _GatherRows.apply(txt, sizes, rank, group)  # (B_global, d)
-    offset, total = sum(sizes[:rank]), sum(sizes)
-    return _rect_impl(img.device)(img, txt_all, logit_scale, logit_bias, offset, float(total))
+    offset = sum(sizes[:rank])
+    denom = sum(sizes) if mean_over == "global" else img.shape[0]
+    return _rect_impl(img.device)(img, txt_all, logit_scale, logit_bias, offset, float(denom))

@@ -117,9 +117,6 @@ class TrainConfig:
     max_bad_steps: int = 10
     """Stop (with a checkpoint of the last good state) after this many consecutive steps whose
     loss was non-finite; each such step is skipped and logged."""
-    inject_nan_steps: list[int] = field(default_factory=list)
-    """Testing aid: steps (1-based) whose input images are replaced by NaN, to exercise the
-    non-finite guard. Empty in real runs."""
     wandb: str = "offline"
     """Weights & Biases mode: online | offline | disabled."""
     wandb_project: str = "fastcap"

@@ -66,6 +66,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtype of the engine's parameters (and so of its inputs) for each precision."""
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     """bf16 on GPUs that have it, fp16 (loss scaling) on other GPUs, fp32 on the CPU."""
     if cfg.precision != "auto":

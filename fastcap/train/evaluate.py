@@ -1,8 +1,14 @@
 """Decode a split and score it: caption metrics (pycocoevalcap), the shapes semantic score, the
 share of distinct captions, and image<->text retrieval recall from the contrastive embeddings.
-Used by the trainer's periodic and final evaluation and by ``fastcap-eval``."""
+Used by ``fastcap-eval`` and by the trainer, whose periodic and final evaluation hooks are at
+the end of this module."""
 
 from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +16,13 @@ from tqdm import tqdm
 
 from fastcap.data.captionset import CaptionSet
 from fastcap.data.images import normalize
+from fastcap.data.shapes import caption_correct
+from fastcap.data.sources import load_split_records, open_split
 from fastcap.generate import decode_texts, generate
 from fastcap.metrics import caption_metrics, shapes_accuracy
+from fastcap.train.checkpoint import atomic_write
+
+log = logging.getLogger("fastcap.train")
 
 
 @torch.inference_mode()
@@ -188,3 +199,69 @@ def evaluate_split(
 def coco_results(res: dict[int, str]) -> list[dict]:
     """Captions in the COCO results format."""
     return [{"image_id": k, "caption": v} for k, v in res.items()]
+
+
+# ---------------------------------------------------------------------- the trainer's hooks
+def print_samples(res: dict[int, str], cs: CaptionSet, n: int) -> None:
+    """Captions beside their first reference (ok/BAD for shapes, whose captions are scored)."""
+    for rec in cs.records[:n]:
+        ok = ""
+        if "objects" in rec.meta:
+            ok = "ok " if caption_correct(res[rec.id], rec.meta) else "BAD"
+        print(f"  {ok} {rec.id:>6}  {res[rec.id]!r:55}  ref: {rec.captions[0]!r}")
+
+
+def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) -> dict:
+    """Greedy captions of the first ``cfg.eval_samples`` val images, printed and scored."""
+    res = caption_split(model, val, tokenizer, device=device, limit=cfg.eval_samples)
+    metrics = score(res, val, full=False)
+    line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"\n[step {step}] val ({len(res)} images): {line}")
+    print_samples(res, val, cfg.num_samples // 2)
+    return metrics
+
+
+FINAL_DECODINGS = (("greedy", {}), ("beam3", {"strategy": "beam", "num_beams": 3}))
+
+
+def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool) -> dict:
+    """Every split of ``cfg.data.eval_splits``, greedy and beam-3: metrics, retrieval (once per
+    split: it does not depend on the decoding), captions files and ``metrics.json``."""
+    dc, mc = cfg.data, cfg.model
+    metrics: dict = {}
+    for split in dc.eval_splits:
+        if not load_split_records(dc.data, split, dc.image_root):
+            log.warning("no images in split %r; skipped", split)
+            continue
+        cs = open_split(
+            dc.data,
+            split,
+            image_root=dc.image_root,
+            tokenizer=tokenizer,
+            image_size=mc.image_size,
+            max_len=mc.max_len,
+            in_memory=True,
+            progress=progress,
+            max_bad_fraction=dc.max_bad_fraction,
+        )
+        for name, kw in FINAL_DECODINGS:
+            t0 = time.time()
+            mets, res = evaluate_split(
+                model, cs, tokenizer, device=device, retrieval=name == "greedy", **kw
+            )
+            mets["images"] = len(res)
+            mets["decode_seconds"] = round(time.time() - t0, 2)
+            key = split if name == "greedy" else f"{split}_{name}"
+            metrics[key] = mets
+            print(f"\n== {split} ({len(res)} images, {name}) ==")
+            print_samples(res, cs, cfg.num_samples if name == "greedy" else 3)
+            print(
+                "  "
+                + " | ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in mets.items()
+                )
+            )
+            atomic_write(out / f"captions_{key}.json", json.dumps(coco_results(res)).encode())
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    print(f"\nwrote {out / 'metrics.json'}")
+    return metrics

@@ -1,4 +1,8 @@
-"""Rotary position embedding, NeoX rotate-half layout (shared by the reference and tests)."""
+"""Rotary position embedding, NeoX rotate-half layout (shared by the reference and tests).
+
+The cos/sin tables come from :func:`fastcap.common.rope.rope_cos_sin`, which the Triton kernel
+uses too.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from fastcap.common.rope import rope_cos_sin
 
-def rope_cos_sin(
-    positions: Tensor, dim: int, theta: float, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (L, dim) for integer ``positions`` (L,), possibly negative.
-
-    Frequency i (i < dim/2) is theta^(-2i/dim); the table repeats it for both halves.
-    """
-    inv_freq = theta ** (
-        -torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
-    )
-    ang = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (L, dim/2)
-    ang = torch.cat([ang, ang], dim=-1)  # (L, dim)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+__all__ = ["apply_rope", "rope_cos_sin", "rope_range"]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

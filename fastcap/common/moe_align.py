@@ -39,13 +39,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-log = logging.getLogger("fastcap.ops")
+log = logging.getLogger("fastcap.ops")  # beside the dispatch's choices, where users look
 
 __all__ = [
     "moe_align",
     "moe_align_torch",
     "load_extension",
-    "extension_available",
     "max_padded",
     "csrc_dir",
 ]
@@ -174,15 +173,6 @@ def load_extension() -> None:
         _ext_state["error"] = f"{type(e).__name__}: {e}"
         raise RuntimeError(f"fastcap_C extension unavailable: {_ext_state['error']}") from e
     _ext_state["ok"] = True
-
-
-def extension_available() -> bool:
-    """Whether ``fastcap_C`` is (or can be) built and loaded; builds it on the first call."""
-    try:
-        load_extension()
-    except RuntimeError:
-        return False
-    return True
 
 
 def moe_align(
