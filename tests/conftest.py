@@ -2,6 +2,7 @@
 CPU; both flags must be set before triton/deepspeed are imported, hence here, at the top."""
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -75,3 +76,13 @@ def shared_data(name: str) -> Path:
 def flickr8k_1k() -> Path:
     """The 1,000 Flickr8k photographs with captions.txt (a ``folder:`` dataset)."""
     return shared_data("flickr8k-1k")
+
+
+# Tests that draw random names or shapes draw them from this seed and print it, so that a
+# failure can be replayed with FASTCAP_TEST_SEED=N.
+TEST_SEED = int(os.environ.get("FASTCAP_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+@pytest.fixture(scope="session")
+def test_seed() -> int:
+    return TEST_SEED

@@ -28,10 +28,18 @@ from fastcap.data.wds import WdsSet
 S = 16
 
 
+@pytest.fixture(autouse=True)
+def _seeded(test_seed):
+    """Every random draw below (names, sizes, pixels, seeds) replays from the printed seed."""
+    print(f"FASTCAP_TEST_SEED={test_seed}")
+    random.seed(test_seed)
+
+
 @pytest.fixture(scope="module")
-def tok():
+def tok(test_seed):
     words = ["a", "red", "blue", "circle", "square", "left", "of", "the", "photo", ","]
-    return CaptionTokenizer.train([" ".join(random.sample(words, 6)) for _ in range(200)], 80)
+    r = random.Random(test_seed)
+    return CaptionTokenizer.train([" ".join(r.sample(words, 6)) for _ in range(200)], 80)
 
 
 def _jpeg(rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
@@ -52,7 +60,7 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
 
 def make_shards(root: Path, sizes: list[int], split: str = "train") -> dict[int, list[str]]:
     """Shards of the given sizes, png/jpg and txt/json members mixed; returns id -> captions."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random.randrange(2**32))
     want, nid = {}, 0
     for n, size in enumerate(sizes):
         samples = []
@@ -139,7 +147,7 @@ def test_every_sample_once_deterministic_resumable(tmp_path, tok, workers):
 
 
 def test_bad_samples_counted_skipped_and_threshold(tmp_path, tok, caplog):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random.randrange(2**32))
     good = [(f"g{i:03d}", {"jpg": _jpeg(rng), "txt": b"a red circle\n"}) for i in range(6)]
     cut = _jpeg(rng)
     bad = [

@@ -228,10 +228,6 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
-def _resolve_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def set_key(cfg: Any, dotted: str, value: Any) -> None:
     """Set ``a.b.c`` on nested dataclasses; unknown keys raise with a close-match suggestion."""
     obj, parts = cfg, dotted.split(".")
@@ -245,7 +241,7 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
             )
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {dotted!r}{hint}")
-        typ = _resolve_types(type(obj))[part]
+        typ = typing.get_type_hints(type(obj))[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(typ):
                 if not isinstance(value, dict):

@@ -59,36 +59,6 @@ def decode_split(
     return texts_out, scores_out
 
 
-def caption_split(
-    model,
-    cs: CaptionSet,
-    tokenizer,
-    *,
-    device,
-    limit: int | None = None,
-    batch_size: int = 250,
-    max_new_tokens: int | None = None,
-    progress: bool = False,
-    strategy: str = "greedy",
-    **decode_kwargs,
-) -> dict[int, str]:
-    """id -> caption (greedy unless ``strategy`` says otherwise) for the first ``limit``
-    images of ``cs``."""
-    texts, _ = decode_split(
-        model,
-        cs,
-        tokenizer,
-        device=device,
-        limit=limit,
-        batch_size=batch_size,
-        strategy=strategy,
-        progress=progress,
-        max_new_tokens=max_new_tokens,
-        **decode_kwargs,
-    )
-    return texts
-
-
 def score(results: dict[int, str], cs: CaptionSet, *, full: bool = True) -> dict[str, float]:
     """Semantic accuracy when the records carry shapes objects; caption metrics if ``full``."""
     recs = {r.id: r for r in cs.records}
@@ -213,7 +183,7 @@ def print_samples(res: dict[int, str], cs: CaptionSet, n: int) -> None:
 
 def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) -> dict:
     """Greedy captions of the first ``cfg.eval_samples`` val images, printed and scored."""
-    res = caption_split(model, val, tokenizer, device=device, limit=cfg.eval_samples)
+    res, _ = decode_split(model, val, tokenizer, device=device, limit=cfg.eval_samples)
     metrics = score(res, val, full=False)
     line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"\n[step {step}] val ({len(res)} images): {line}")
