@@ -37,7 +37,7 @@ bench: install
 
 # a bare CUDA machine may lack DeepSpeed/W&B: the check needs only torch, Triton, ninja, nvcc
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bench/gpu_check.py --out runs/gpu-check
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bench/gpu_check --out runs/gpu-check
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

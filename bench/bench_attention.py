@@ -2,8 +2,9 @@
 
 Run: ``python -m pytest bench/bench_attention.py --benchmark-only -q``.
 
-TFLOP/s use the standard count: forward 4 * B * H * Lq * Lk * D (halved when causal), backward
-2.5x forward, so forward + backward is 3.5x. Peak memory is in ``extra_info``.
+TFLOP/s use the standard count (``flops.attention_flops``): forward 4 * B * H * Lq * Lk * D
+(halved when causal), backward 2.5x forward, so forward + backward is 3.5x. Peak memory is in
+``extra_info``.
 
 On a GPU every implementation runs in bf16 at the issue's shapes. On a CPU only the reference
 and SDPA run, in fp32, at the captioning shapes with the batch cut from 256 to 32 so each case
@@ -16,9 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from flops import attention_flops
 
+from fastcap.common.rope import rope_cos_sin
 from fastcap.ops.ref.attention import attention as ref_attention
-from fastcap.ops.ref.rope import apply_rope, rope_cos_sin
+from fastcap.ops.ref.rope import apply_rope
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -65,11 +68,6 @@ def _sdpa_rope(q, k, v, *, causal, kv_lens, rope_theta):
 IMPLS = {"triton": _triton_attention, "ref": ref_attention, "sdpa+rope": _sdpa_rope}
 
 
-def _flops(B, H, Lq, Lk, D, causal, mode):
-    fwd = 4 * B * H * Lq * Lk * D / (2 if causal else 1)
-    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -108,4 +106,5 @@ def test_attention(measure, shape, impl, mode):
 
     where = f"B={B} (CPU; B=256 on GPU)" if not CUDA else f"B={B}"
     group = f"attention {shape} {mode} {where} {str(DTYPE).removeprefix('torch.')}"
-    measure(run, make_inputs, group=group, impl=impl, flops=_flops(B, H, Lq, Lk, D, causal, mode))
+    flops = attention_flops(B, H, Lq, Lk, D, causal, backward=grad)
+    measure(run, make_inputs, group=group, impl=impl, flops=flops)

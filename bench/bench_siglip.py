@@ -5,10 +5,11 @@ input dtype) and the fused Triton kernel (GPU only).
     .venv/bin/python -m pytest bench/bench_siglip.py --benchmark-only -q \
         --benchmark-columns=median,rounds --benchmark-group-by=group
 
-TFLOP/s counts the useful work of every implementation alike: three B x B x d products (the
-logits, then d img and d txt), 6 B^2 d FLOPs. The chunked reference does four and the kernel
-five (both recompute the logits in backward; the kernel once per gradient). Peak memory is
-the extra over the inputs during one forward + backward (CUDA allocator; RSS on the CPU).
+TFLOP/s counts the useful work of every implementation alike (``flops.siglip_flops``): three
+B x B x d products (the logits, then d img and d txt), 6 B^2 d FLOPs. The chunked reference
+does four and the kernel five (both recompute the logits in backward; the kernel once per
+gradient). Peak memory is the extra over the inputs during one forward + backward (CUDA
+allocator; RSS on the CPU).
 
 GPU: B in {1024, 8192, 32768}, d = 512, bf16 (the training dtype). CPU: references only, fp32,
 B in {1024, 8192}, with few rounds at 8192 so the CPU cases stay near a minute.
@@ -21,6 +22,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from flops import siglip_flops
 
 from fastcap.ops.ref.siglip import siglip_loss as naive_siglip
 from fastcap.ops.ref.siglip import siglip_loss_chunked
@@ -88,7 +90,7 @@ def test_siglip_fwd_bwd(measure, B, impl):
             make_inputs(B),
             group=f"siglip B={B} d={D} fwd+bwd {str(DTYPE).removeprefix('torch.')}",
             impl=impl,
-            flops=6.0 * B * B * D,
+            flops=siglip_flops(B, D),
             n_sets=1 if heavy else 3,
             rounds=1 if heavy else 5,
             warmup=0 if heavy else 1,

@@ -5,7 +5,7 @@ every loss, backward, AdamW step; ``FASTCAP_KERNELS=ref`` against ``auto``.
 
 ``extra_info`` holds images/s, tokens/s (decoder positions, bos and eos included), peak memory
 and, on a GPU, model FLOPs utilisation: the analytic training FLOPs of
-:func:`gpu_check.model_flops_per_image` (nanoGPT's ``estimate_mfu`` idea with this model's
+:func:`flops.model_flops_per_image` (nanoGPT's ``estimate_mfu`` idea with this model's
 count) divided by the device's data-sheet dense bf16 peak.
 
 GPU: the coco-base model (ResNet-50 at 384 px, width 768, 6+6+6 layers, 64 routed experts,
@@ -25,7 +25,7 @@ import resource
 import pytest
 import torch
 from conftest import DEVICE
-from gpu_check import bf16_peak_tflops, model_flops_per_image
+from flops import bf16_peak_tflops, model_flops_per_image
 
 pytest.importorskip("deepspeed", reason="bench_step measures the DeepSpeed ZeRO-3 step")
 

@@ -26,13 +26,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU).
+def process_group_backend(cuda: bool) -> str:
+    """The torch.distributed backend string: gloo on a CPU machine; on GPUs NCCL for CUDA
+    tensors AND gloo for CPU tensors. The loop builds its own collectives on the rank's device
+    (see :mod:`fastcap.train.collectives`), but a CPU tensor handed to a collective anywhere in
+    the training path (ours, DeepSpeed's, a user's callback) must find a backend instead of
+    failing the first step of a multi-GPU run: NCCL alone rejects CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
-    A plain ``fastcap-train`` is a world of one; ``deepspeed --num_gpus N`` / ``torchrun`` set
-    RANK, WORLD_SIZE and the rendezvous. Returns (rank, world size, device).
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed (see :func:`process_group_backend`) and DeepSpeed's view of
+    it. A plain ``fastcap-train`` is a world of one; ``deepspeed --num_gpus N`` / ``torchrun``
+    set RANK, WORLD_SIZE and the rendezvous. Returns (rank, world size, device).
     """
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(
@@ -44,7 +53,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         )
     import deepspeed
 
-    if not torch.cuda.is_available() and os.environ.get("WORLD_SIZE") == "1":
+    if not cuda and os.environ.get("WORLD_SIZE") == "1":
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce op (~30 s on a fresh
         # machine) that only speeds up collectives between processes: a world of one skips it
         compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
@@ -54,16 +63,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     warnings.filterwarnings(
         "ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning
     )
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False
-        )
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():  # DeepSpeed then wraps this group
+            torch.distributed.init_process_group(backend=process_group_backend(True))
+    if not torch.distributed.is_initialized() or cuda:
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -46,11 +46,12 @@ def decode_split(
     model.eval()
     n = len(cs) if limit is None else min(limit, len(cs))
     R = decode_kwargs.get("num_return_sequences", 1)
+    dtype = next(model.parameters()).dtype
     texts_out: dict[int, str] = {}
     scores_out: dict[int, float] = {}
     for s in tqdm(range(0, n, batch_size), desc="caption", disable=not progress, leave=False):
         idx = torch.arange(s, min(s + batch_size, n))
-        images = normalize(cs.images[idx].to(device))
+        images = normalize(cs.images[idx].to(device)).to(dtype)  # the model's own precision
         gen = generate(model, images, strategy=strategy, **decode_kwargs)
         texts = decode_texts(tokenizer, gen)[::R]
         for i, t, sc in zip(idx.tolist(), texts, gen.scores[::R].tolist()):

@@ -248,12 +248,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def eval_model(self) -> Captioner:
-        """A plain (hook-free) copy of the current weights for decoding; collective call."""
+        """A plain (hook-free) copy of the current weights for decoding, in the training
+        precision (what the run would be judged on, not a silent fp32 copy); collective."""
         state = eng.full_state_dict(self.engine)
         with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
             m = Captioner(self.cfg.model).to(self.device)
         m.load_state_dict(state)
-        return m.eval()
+        return m.to(eng.DTYPES[self.precision]).eval()
 
     def _periodic_eval(self) -> None:
         if self.val is None:

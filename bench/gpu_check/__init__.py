@@ -1,0 +1,50 @@
+"""The one check to run when a GPU is lent: ceilings, the CUDA extension, every kernel checked
+against its reference in bf16/fp16/fp32, every kernel timed against its reference and peers at
+the benchmark shapes, and a 50-step training run of the captioner with ``ref`` and ``auto``.
+
+    python bench/gpu_check --out runs/gpu-check            # on the GPU (make gpu-check)
+    python bench/gpu_check --dry-run --out /tmp/gpu-check  # on a CPU, before spending a GPU
+
+Stages, in order (``--stages env,ext`` runs a subset), one module each:
+
+* ``env``     (:mod:`.stage_env`) device, torch/Triton/CUDA versions, which optional packages
+              exist, and measured ceilings: a 2 GiB device-to-device copy (GB/s, read + write
+              counted) and a bf16 8192^3 matmul (TFLOP/s).
+* ``ext``     (:mod:`.stage_ext`) build ``fastcap_C`` (:mod:`fastcap.common.moe_align`) for this
+              device's architecture only, then check it against the PyTorch alignment.
+* ``correct`` (:mod:`.stage_correct`) each kernel against its reference in bf16, fp16 and fp32:
+              outputs and every gradient, fresh random inputs (the seed is recorded), output
+              buffers poisoned with NaN through the CUDA caching allocator (the launchers
+              allocate their own outputs). Rule (flash-attention's): the kernel's error against
+              the reference computed in fp64 is at most 2x the reference's own error in the same
+              dtype plus ``TOL[dtype]``, errors as max |got - gold| / max |gold|.
+* ``timing``  (:mod:`.stage_timing`) kernels against references and peers at the issues'
+              shapes: CUDA events, warm-up (which also absorbs autotuning), median of repeats,
+              TFLOP/s from the analytic counts of ``bench/flops.py``, peak memory above the
+              inputs.
+* ``train``   (:mod:`.stage_train`) the shapes captioner trained 50 steps with
+              ``FASTCAP_KERNELS=ref`` and with ``auto`` from the same weights and batches: losses
+              side by side, step time, MFU. A plain PyTorch loop with AdamW and fp32 master
+              weights (bf16 forward/backward on a GPU, as DeepSpeed's bf16 mode does), so neither
+              DeepSpeed nor ``tokenizers`` is needed: the data are rendered in memory and
+              tokenised with a word vocabulary. The ZeRO-3 step itself is measured by
+              ``bench/bench_step.py``.
+
+Each stage runs in its own process with a time limit (the process group is killed when it runs
+over) inside a global budget of 7.5 minutes (:mod:`.runner`), and writes ``<out>/<stage>.json``
+after every item (:class:`.harness.Report`), so a hang or a crash loses at most the item in
+flight. ``<out>/summary.json`` gathers all of it and a short table is printed last.
+
+``--dry-run`` (no GPU needed): the same stages at tiny shapes and few steps, Triton under
+``TRITON_INTERPRET=1``; bf16 checks are skipped there (the interpreter's bf16 is wrong) and the
+timings only prove that the code runs. On a CPU ``auto`` would pick the references, so the
+dry run's second training run forces the Triton kernels instead (``triton``, interpreted): the
+comparison is between two implementations, not two runs of the same code. ``--quick``: fewer
+repeats and steps, largest shapes left out.
+
+Needs only torch, Triton, ninja and nvcc (plus numpy, Pillow and torchvision for the training
+stage, which says so and skips when they are missing); works from a plain checkout without
+``pip install``. Nothing here is collected by pytest (no ``test_*``/``bench_*`` file names).
+"""
+
+STAGES = ("env", "ext", "correct", "timing", "train")
