@@ -126,9 +126,21 @@ def _siglip_case():
     return (img, txt, scale, bias), {}, ops.siglip_loss
 
 
-# lce has a "triton" row in the table but no kernel module yet (another issue adds it), so
-# only the ops with a Triton kernel are run here.
-CASES = {"attention": _attention_case, "moe": _moe_case, "siglip": _siglip_case}
+def _lce_case():
+    N, d, V = 11, 16, 37
+    h, w = torch.randn(N, d, device=DEVICE), torch.randn(V, d, device=DEVICE) / 4
+    tgt = torch.randint(0, V, (N,), device=DEVICE)
+    tgt[2] = -100
+    kw = {"label_smoothing": 0.1}
+    return (h, w), kw, lambda h, w: ops.linear_cross_entropy(h, w, tgt, **kw)
+
+
+CASES = {
+    "attention": _attention_case,
+    "moe": _moe_case,
+    "siglip": _siglip_case,
+    "lce": _lce_case,
+}
 
 
 @pytest.mark.skipif(not RUNS_TRITON, reason="needs a GPU or TRITON_INTERPRET=1")

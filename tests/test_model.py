@@ -161,9 +161,9 @@ def test_moe_block_uses_moe_ffn_and_routes_real_tokens_only(monkeypatch):
     assert seen == [int(lens.sum())] * 2  # two MoE layers, only real tokens routed
 
 
-# The ops with a Triton kernel (lce has none yet). They run on a GPU, or on the CPU under the
+# The ops with a Triton kernel. They run on a GPU, or on the CPU under the
 # interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
-TRITON_OPS = ("attention", "moe", "siglip")
+TRITON_OPS = ("attention", "moe", "siglip", "lce")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

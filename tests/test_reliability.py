@@ -91,13 +91,14 @@ def test_skipped_micro_batch_keeps_the_optimiser_schedule(tiny_shapes, tiny_over
 
 
 @pytest.mark.slow
-def test_whole_step_skipped_keeps_the_lr_schedule(tiny_shapes, tiny_overrides, tmp_path):
-    """grad_accum=1 and step 3 non-finite: its update is discarded, yet step 4 onwards use
-    the LR of their own step number, as the schedule defines it."""
+@pytest.mark.parametrize("stage", [None, 3])
+def test_whole_step_skipped_keeps_the_lr_schedule(stage, tiny_shapes, tiny_overrides, tmp_path):
+    """grad_accum=1 and step 3 non-finite: its update is discarded (by FiniteAdamW on the plain
+    one-rank engine, by ZeRO-3's own check with zero_stage=3), yet step 4 onwards use the LR
+    of their own step number, as the schedule defines it."""
     total = 8
-    out, _ = _run(
-        tmp_path, "run", tiny_shapes, tiny_overrides, ["--steps", str(total)], {"nan": [[3, 0]]}
-    )
+    args = ["--steps", str(total)] + ([] if stage is None else [f"zero_stage={stage}"])
+    out, _ = _run(tmp_path, "run", tiny_shapes, tiny_overrides, args, {"nan": [[3, 0]]})
     rec = _losses(out)
     for s in range(1, total + 1):
         assert rec[s]["lr"] == pytest.approx(lr_definition(s, total), rel=1e-12), s

@@ -283,7 +283,7 @@ def test_wandb_offline_run_is_written(tiny_shapes, tiny_overrides, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_trains_through_fastcap_train(tiny_shapes, tiny_overrides, tmp_path):
-    """precision=bf16 through the real CLI, trainer and ZeRO-3 engine on the CPU: the images
+    """precision=bf16 through the real CLI, trainer and DeepSpeed engine on the CPU: the images
     reach the engine in bf16, the loss is finite and falls, and the periodic and final
     evaluation decode with the bf16 weights. (fp16 needs DeepSpeed's loss scaler on a GPU: it
     is not exercised here; `make gpu-check` runs the GPU precision.)"""
@@ -303,7 +303,7 @@ def test_bf16_trains_through_fastcap_train(tiny_shapes, tiny_overrides, tmp_path
         ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| bf16 | ZeRO-3" in r.stdout
+    assert "| bf16 | ZeRO-0" in r.stdout  # one rank: DeepSpeed's plain engine
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     total = [x["loss/total"] for x in log if "loss/total" in x]
     assert len(total) == 12 and all(x == x and abs(x) < 1e4 for x in total), total

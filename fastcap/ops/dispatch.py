@@ -3,9 +3,13 @@
 Grammar (see docs/DESIGN.md, section 2 "The op seam"):
 
 * ``auto`` (default): Triton/CUDA for CUDA tensors, the PyTorch reference for CPU tensors.
-* ``ref`` | ``triton`` | ``cuda``: force that implementation for every op.
+* ``ref`` | ``triton`` | ``cuda``: force that implementation for every op that has one. Every
+  op has ``ref`` and ``triton``; only ``moe`` has ``cuda`` (its routing alignment is the C++/CUDA
+  extension), so a bare ``cuda`` forces ``moe=cuda`` and leaves the other ops at ``auto``,
+  which is logged once per op: a bare choice is a default, never a silent substitute.
 * ``attention=ref,moe=triton``: per op; unlisted ops stay ``auto``. A bare choice may be mixed
-  in as the default for the rest: ``ref,moe=triton``.
+  in as the default for the rest: ``ref,moe=triton``. A per-op choice the op does not have
+  (``attention=cuda``) is an error.
 
 An explicit choice that cannot run raises (``ValueError`` for a name that does not exist,
 ``RuntimeError`` for one that exists but cannot run here), always listing the valid choices.
@@ -82,7 +86,18 @@ def parse(spec: str | None) -> dict[str, str]:
                     f"per op like 'attention=ref,moe=triton' (ops: {', '.join(OPS)})"
                 )
             default = part
-    return {op: per_op.get(op, default) for op in OPS}
+    # a bare default applies where the op has that implementation (see the module docstring)
+    return {
+        op: per_op.get(op, default if default == "auto" or default in IMPLS[op] else "auto")
+        for op in OPS
+    }
+
+
+def _bare_default(spec: str | None) -> str | None:
+    """The bare choice in a spec (``cuda`` in ``cuda,attention=ref``), if any."""
+    parts = [p.strip() for p in (spec or "").split(",")]
+    bare = [p for p in parts if p and "=" not in p]
+    return bare[-1] if bare else None
 
 
 def current() -> dict[str, str]:
@@ -121,15 +136,23 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
 _logged: set[tuple[str, str]] = set()
 
 
-def _log_once(op: str, msg: str) -> None:
+def _log_once(op: str, msg: str, level: int = logging.INFO) -> None:
     if (op, msg) not in _logged:
         _logged.add((op, msg))
-        log.info(msg)
+        log.log(level, msg)
 
 
 def resolve(op: str, device: torch.device) -> str:
     """Name of the implementation of ``op`` to use for tensors on ``device``."""
-    choice = current()[op]
+    spec = os.environ.get(ENV)
+    choice = parse(spec)[op]
+    bare = _bare_default(spec)
+    if choice == "auto" and bare not in (None, "auto") and bare not in IMPLS[op]:
+        _log_once(
+            op,
+            f"fastcap.ops: {op} has no {bare!r} implementation; {ENV}={spec} leaves it at auto",
+            logging.WARNING,
+        )
     if choice != "auto":
         why = _why_not(op, choice, device)
         if why is not None:
@@ -152,3 +175,10 @@ def resolve(op: str, device: torch.device) -> str:
 def get(op: str, device: torch.device) -> Callable:
     """The function implementing ``op`` for tensors on ``device``."""
     return _load(IMPLS[op][resolve(op, device)])
+
+
+def validate(ops: tuple[str, ...], device: torch.device) -> None:
+    """Raise now, before any work, if the flag names something that cannot run for these ops
+    on ``device`` (the same errors as the first call would raise)."""
+    for op in ops:
+        resolve(op, device)

@@ -85,9 +85,21 @@ def model_shapes(model_config) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in m.state_dict().items()}
 
 
-def check_compatible(run: Path, tag: str, shapes: dict[str, list[int]]) -> None:
-    """The model the (possibly hand-edited) config builds must have the checkpoint's tensors."""
-    saved = json.loads((run / "checkpoints" / tag / META).read_text())["shapes"]
+def check_compatible(run: Path, tag: str, shapes: dict[str, list[int]], layout: dict) -> None:
+    """The model the (possibly hand-edited) config builds must have the checkpoint's tensors,
+    and the engine must be laid out as it was (ranks, ZeRO stage: DeepSpeed's partitioned
+    states load only into the same layout)."""
+    meta = json.loads((run / "checkpoints" / tag / META).read_text())
+    was = {k: meta[k] for k in layout if k in meta}
+    if was and was != {k: layout[k] for k in was}:
+        raise ConfigError(
+            f"--resume {run}: checkpoint {tag} was written with "
+            + ", ".join(f"{k}={v}" for k, v in was.items())
+            + "; resume with the same layout (now "
+            + ", ".join(f"{k}={layout[k]}" for k in was)
+            + ")"
+        )
+    saved = meta["shapes"]
     missing = sorted(set(saved) - set(shapes))
     extra = sorted(set(shapes) - set(saved))
     wrong = [k for k in saved if k in shapes and list(shapes[k]) != list(saved[k])]
@@ -142,6 +154,7 @@ def save(
     rank: int,
     device: torch.device,
     shapes: dict[str, list[int]],
+    layout: dict,
     keep: int,
 ) -> bool:
     """Write checkpoint ``stepN`` (a collective call). Returns False when a complete
@@ -164,7 +177,7 @@ def save(
     if rank == 0:
         try:
             if not failed:
-                meta = {"step": step, "shapes": shapes}
+                meta = {"step": step, **layout, "shapes": shapes}
                 atomic_write(tmp / META, json.dumps(meta).encode())
                 _publish(root, tmp, tag, keep)
         except OSError as e:

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,9 @@ class TrainConfig:
     """auto (bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU) | fp32 | fp16 | bf16."""
     checkpointing: bool = False
     """Activation (gradient) checkpointing of every Transformer layer."""
+    zero_stage: int | None = None
+    """DeepSpeed ZeRO stage (0-3). None: 3 with more than one rank, 0 (DeepSpeed's plain engine:
+    nothing to partition, and ZeRO-3's hooks cost about a tenth of a CPU step) with one."""
     zero_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters with fewer elements than this unpartitioned (DeepSpeed's
     stage3_param_persistence_threshold); gradients and optimiser states stay partitioned."""
@@ -203,7 +207,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Convert a string (from the command line) or a parsed JSON/YAML value to ``typ``."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         inner = [a for a in args if a is not type(None)]
@@ -312,6 +316,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"precision {cfg.precision!r}: use auto, fp32, fp16 or bf16")
     if cfg.wandb not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb {cfg.wandb!r}: use online, offline or disabled")
+    if cfg.zero_stage not in (None, 0, 1, 2, 3):
+        raise ConfigError(f"zero_stage {cfg.zero_stage}: use 0, 1, 2 or 3 (or none: automatic)")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
     try:

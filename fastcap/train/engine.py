@@ -87,8 +87,23 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "fp32"
 
 
+def zero_stage(cfg: TrainConfig, world: int) -> int:
+    """ZeRO-3 whenever there is more than one rank; with one rank there is nothing to
+    partition, and ZeRO-3's per-module fetch/release hooks cost 9-14% of a step of shapes-tiny
+    on a CPU (bench/RESULTS.md), so a world of one runs DeepSpeed's plain engine (stage 0):
+    the same optimiser, clipping, precision and checkpoints, without the hooks."""
+    if cfg.zero_stage is not None:
+        return cfg.zero_stage
+    return 3 if world > 1 else 0
+
+
+def plain_fp32(cfg: TrainConfig, world: int, precision: str) -> bool:
+    """DeepSpeed's plain engine in fp32: no ZeRO, no loss scaler, no overflow check."""
+    return zero_stage(cfg, world) == 0 and precision == "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict:
-    """The whole DeepSpeed JSON, from the training config. ZeRO stage 3 always."""
+    """The whole DeepSpeed JSON, from the training config (ZeRO stage from :func:`zero_stage`)."""
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
             f"batch_size {cfg.batch_size} does not divide across {world} ranks x "
@@ -98,18 +113,22 @@ def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict:
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.batch_size // (world * cfg.grad_accum),
         "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": torch.cuda.is_available(),
-            "contiguous_gradients": True,
-            "stage3_param_persistence_threshold": cfg.zero_persistence_threshold,
-            "stage3_gather_16bit_weights_on_model_save": False,
-        },
+        # the plain fp32 engine's optimiser clips (FiniteAdamW); everywhere else DeepSpeed does
+        "gradient_clipping": 0.0 if plain_fp32(cfg, world, precision) else cfg.optim.grad_clip,
+        "zero_optimization": {"stage": zero_stage(cfg, world)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds["zero_optimization"]["stage"] == 3:
+        ds["zero_optimization"].update(
+            {
+                "overlap_comm": torch.cuda.is_available(),
+                "contiguous_gradients": True,
+                "stage3_param_persistence_threshold": cfg.zero_persistence_threshold,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -140,6 +159,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradient norm itself and discards an update whose gradient is not
+    finite, saying so through ``overflow``, the attribute DeepSpeed's engine reads to count a
+    skipped step. DeepSpeed's ZeRO, bf16 and fp16 optimisers do both themselves; its plain fp32
+    engine (stage 0, one rank) clips but never checks, so a non-finite gradient would poison
+    the weights. ``max_norm`` 0 disables clipping."""
+
+    overflow = False
+    _global_grad_norm = None  # read by engine.get_global_grad_norm(): the norm before clipping
+
+    def __init__(self, params, *, max_norm: float, **kw):
+        super().__init__(params, **kw)
+        self.max_norm = max_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self._global_grad_norm = norm
+        self.overflow = not math.isfinite(norm)
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, torch.tensor(norm))
+        return super().step(closure)
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     warm = max(cfg.optim.warmup_steps, 0)
     floor = cfg.optim.min_lr_ratio
@@ -154,19 +201,21 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 def build_engine(model: Captioner, cfg: TrainConfig, world: int, precision: str, total_steps: int):
-    """Wrap the model in a ZeRO-3 engine with AdamW and warmup + cosine LR."""
+    """Wrap the model in a DeepSpeed engine (ZeRO-3 with more than one rank) with AdamW and
+    warmup + cosine LR."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
+    z3 = zero_stage(cfg, world) == 3
     # MoE: which experts run depends on the data, so ZeRO-3 must gather the block as one leaf
-    if any(isinstance(m, MoE) for m in model.modules()):
+    if z3 and any(isinstance(m, MoE) for m in model.modules()):
         set_z3_leaf_modules(model, [MoE])
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=1e-8,
-    )
+    groups = param_groups(model, cfg.optim.weight_decay)
+    hp = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
+    if plain_fp32(cfg, world, precision):  # clips and checks itself (the engine does not)
+        opt = FiniteAdamW(groups, max_norm=cfg.optim.grad_clip, **hp)
+    else:
+        opt = torch.optim.AdamW(groups, **hp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -174,13 +223,14 @@ def build_engine(model: Captioner, cfg: TrainConfig, world: int, precision: str,
         lr_scheduler=sched,
         config=deepspeed_config(cfg, world, precision),
     )
-    # the tied embedding is read by the LM head outside the Embedding module's own forward
-    deepspeed.zero.register_external_parameter(model, model.decoder.embed.weight)
+    if z3:  # the tied embedding is read by the LM head outside the Embedding's own forward
+        deepspeed.zero.register_external_parameter(model, model.decoder.embed.weight)
     return engine
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer, gathered from the ZeRO-3 partitions, fp32, on the CPU."""
+    """Every parameter and buffer (gathered from the ZeRO-3 partitions, if any), fp32, on the
+    CPU."""
     import deepspeed
 
     module = engine.module

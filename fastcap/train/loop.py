@@ -21,6 +21,7 @@ from fastcap.data.records import Batch
 from fastcap.data.sources import check_spec
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import Captioner, param_count
+from fastcap.ops import dispatch
 from fastcap.train import checkpoint as ckpt
 from fastcap.train import engine as eng
 from fastcap.train.collectives import any_rank
@@ -49,9 +50,16 @@ class Trainer:
             self.resume_tag = ckpt.resumable_tag(self.resume)
             tok = CaptionTokenizer.load(self.resume / "tokenizer.json")
             shapes = ckpt.model_shapes(with_tokenizer(cfg.model, tok))
-            ckpt.check_compatible(self.resume, self.resume_tag, shapes)
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            layout = {"world": world, "zero_stage": eng.zero_stage(cfg, world)}
+            ckpt.check_compatible(self.resume, self.resume_tag, shapes, layout)
             cfg.out = str(self.resume)
         check_spec(cfg.data.data, cfg.data.image_root)
+        ops = ("attention", "siglip", "lce") + (("moe",) if cfg.model.moe.enabled else ())
+        try:  # a FASTCAP_KERNELS value that cannot run here fails now, not at the first step
+            dispatch.validate(ops, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(str(e)) from None
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ConfigError(
@@ -101,6 +109,7 @@ class Trainer:
 
             apply_activation_checkpointing(self.model)
         self.param_share = eng.partition_fraction(self.engine)
+        self.stage = eng.zero_stage(cfg, self.world)
         self.stepper = StepRunner(
             self.engine,
             grad_accum=cfg.grad_accum,
@@ -123,7 +132,7 @@ class Trainer:
         if self.is_main:
             print(
                 f"model: {self.n_params / 1e6:.2f}M parameters | {self.world} rank(s) "
-                f"on {self.device.type} | {self.precision} | ZeRO-3 | "
+                f"on {self.device.type} | {self.precision} | ZeRO-{self.stage} | "
                 f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, batch "
                 f"{cfg.batch_size}) | kernels: {os.environ.get('FASTCAP_KERNELS', 'auto')}"
             )
@@ -140,6 +149,7 @@ class Trainer:
             rank=self.rank,
             device=self.device,
             shapes=self.shapes,
+            layout={"world": self.world, "zero_stage": self.stage},
             keep=self.cfg.keep_checkpoints,
         )
         state = eng.full_state_dict(self.engine)  # a collective: every rank gathers
