@@ -99,3 +99,95 @@ def test_train_step(measure, benchmark, monkeypatch, setup, kernels):
             benchmark.extra_info["mfu"] = round(flops / median / 1e12 / peak, 4)
         else:
             benchmark.extra_info["mfu"] = "unknown device peak"
+
+
+# ---------------------------------------------------------------------- engine overhead at world 1
+OVERHEAD_B = 128  # shapes-tiny's batch
+
+
+@pytest.fixture(scope="module")
+def one_rank_steps():
+    """shapes-tiny at its batch of 128, fixed inputs, four ways to take the same optimiser step:
+    bare PyTorch (forward with every loss, backward, clip, AdamW), DeepSpeed ZeRO-3, the engine
+    a world of one gets (DeepSpeed's plain engine), and the trainer's own step on that engine
+    (micro-batch split, uint8 -> normalised images, the non-finite vote, the logged terms)."""
+    import copy
+
+    from fastcap.data.records import Batch
+    from fastcap.model import Captioner
+    from fastcap.train import engine as eng
+    from fastcap.train.config import preset
+    from fastcap.train.step import StepRunner
+
+    cfg = preset("shapes-tiny")
+    mc = cfg.model
+    mc.vocab_size = 96
+    _, _, device = eng.init_distributed()
+    torch.manual_seed(0)
+    base = Captioner(mc).to(device)
+    B, L, S = OVERHEAD_B, 20, mc.image_size
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (B, 3, S, S), generator=g, dtype=torch.uint8)
+    lens = torch.randint(L // 2, L + 1, (B,), generator=g)
+    lens[0] = L
+    tokens = torch.randint(3, mc.vocab_size, (B, L), generator=g)
+    tokens[:, 0], tokens[torch.arange(B), lens - 1] = mc.bos_id, mc.eos_id
+    tokens = tokens.masked_fill(torch.arange(L)[None] >= lens[:, None], mc.pad_id)
+    batch = Batch(pixels, tokens, lens, list(range(B)))
+    from fastcap.data.images import normalize
+
+    images = normalize(pixels.to(device))
+    tokens_d, lens_d = tokens.to(device), lens.to(device)
+
+    model = copy.deepcopy(base)
+    opt = torch.optim.AdamW(eng.param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=1e-8)  # fmt: skip
+
+    def bare():
+        out = model(images, tokens_d, lens_d)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def engine_step(stage):
+        c = copy.deepcopy(cfg)
+        c.batch_size, c.zero_stage = B, stage
+        e = eng.build_engine(copy.deepcopy(base), c, 1, "fp32", 10**6)
+
+        def step():
+            out = e(images, tokens_d, lens_d)
+            e.backward(out["loss"])
+            e.step()
+
+        return e, step
+
+    _, zero3 = engine_step(3)
+    plain_engine, plain = engine_step(None)
+    runner = StepRunner(plain_engine, grad_accum=1, device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+
+    def loop():
+        runner.run(batch, p=1.0, generator=gen, capture=False, step=1)
+
+    return {"bare": bare, "zero3": zero3, "engine": plain, "loop": loop}
+
+
+@pytest.mark.skipif(GPU, reason="the world-of-one overhead is measured on the CPU here")
+@pytest.mark.parametrize("side", ["zero3", "engine", "loop"])
+def test_one_rank_overhead_vs_bare(benchmark, one_rank_steps, side):
+    """Interleaved pairs (median of per-pair ratios; bench/conftest.py's interleaved_ratio).
+    The engine a world of one gets must stay within 10% of bare PyTorch."""
+    from conftest import interleaved_ratio
+
+    r = interleaved_ratio(one_rank_steps[side], one_rank_steps["bare"], (), pairs=7,
+                          min_sample_s=0.0)  # fmt: skip
+    benchmark.extra_info.update(
+        {f"ratio_to_bare_{k}": round(v, 3) for k, v in r.items() if k in ("median", "min", "max")}
+    )
+    benchmark.extra_info["images_per_s"] = round(OVERHEAD_B / r["slow_s"], 1)
+    benchmark.extra_info["bare_images_per_s"] = round(OVERHEAD_B / r["fast_s"], 1)
+    benchmark.pedantic(lambda: None, rounds=1)  # the figures are the extra_info above
+    print(f"\n{side}/bare: median {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+    if side == "engine":
+        assert r["median"] < 1.10, r
