@@ -8,7 +8,7 @@ DATA ?= data/shapes
 RUN ?= runs/shapes-tiny
 ARGS ?=
 
-.PHONY: install train test test-fast bench gpu-check lint format clean
+.PHONY: install train test test-fast bench gpu-check gpu-wheels lint format clean
 
 install: $(STAMP)
 
@@ -33,11 +33,19 @@ test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 bench: install
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m pytest bench/ --benchmark-only -q
 
-# a bare CUDA machine may lack DeepSpeed/W&B: the check needs only torch, Triton, ninja, nvcc
+# a bare CUDA machine has torch and Triton but no DeepSpeed: the train stage installs it from
+# .gpu-wheels (`make gpu-wheels` here, then carry the folder to the machine)
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) bench/gpu_check --out runs/gpu-check
+
+# DeepSpeed and what it imports, as wheels for the GPU machine's Python, into an ignored folder
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= 3.12
+gpu-wheels: install
+	$(BIN)/python bench/gpu_check/wheels.py --out $(GPU_WHEELS) --python-version $(GPU_PYTHON)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,11 +1,15 @@
 """bench/gpu_check: the dry run walks every stage through its real code (kernels in the
-interpreter against the references), a stage that overruns its limit is killed and recorded,
-the correctness rule catches wrong outputs and wrong gradients, and the analytic FLOP counts of
-bench/flops.py agree with PyTorch's FLOP counter."""
+interpreter against the references, the train stage through fastcap-train), a stage that
+overruns its limit is killed and recorded, the correctness rule catches wrong outputs and wrong
+gradients, the train stage's gate catches diverging, broken or identical runs, the wheels of
+`make gpu-wheels` install into a --target folder, the checkout runs as an installed package
+from a subprocess, and the analytic FLOP counts of bench/flops.py agree with PyTorch's FLOP
+counter."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -20,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import flops  # noqa: E402
-from gpu_check import STAGES, runner, stage_correct, stage_train  # noqa: E402
+from gpu_check import STAGES, harness, runner, stage_correct, stage_train, wheels  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -60,16 +64,24 @@ def test_dry_run_walks_every_stage(tmp_path):
     want |= {("moe", i) for i in ("triton", "triton+ext_align", "grouped_mm", "ref")}
     want |= {("siglip", i) for i in ("triton", "chunked", "naive")}
     assert want <= timed, want - timed
-    # the training runs compare the references with the kernels, not ref with itself
+    # the training runs are fastcap-train under ZeRO-3, and compare the references with the
+    # kernels, not ref with itself
+    assert items["train/deepspeed"]["status"] == "ok"
     label = "auto" if CUDA else "triton"
     ref_run, kern_run = items["train/ref"], items[f"train/{label}"]
+    for r in (ref_run, kern_run):
+        assert r["command"].startswith("-m fastcap.cli.train "), r["command"]
+        assert "| ZeRO-3 |" in r["model_line"], r["model_line"]
+        assert r["model_line"].endswith(f"kernels: {r['FASTCAP_KERNELS']}"), r["model_line"]
     assert set(ref_run["kernels"].values()) == {"ref"}
     for op in ("attention", "moe", "siglip"):
         assert kern_run["kernels"][op] != "ref", (op, kern_run["kernels"])
     cmp_ = items["train/compare"]
     assert cmp_["status"] == "ok"
+    size = stage_train.GPU if CUDA else stage_train.DRY
+    assert len(cmp_["losses_side_by_side"]) == size.steps
     if not CUDA:
-        assert cmp_["max_abs_loss_diff"] <= stage_train.CPU_LOSS_TOL
+        assert cmp_["max_abs_loss_diff"] <= stage_train.TOL["fp32"]["max_abs"]
     table = proc.stdout[proc.stdout.rindex("stage    status") :]  # the short table comes last
     assert all(stage in table for stage in STAGES)
 
@@ -79,6 +91,178 @@ def test_stage_over_its_limit_is_killed_and_recorded(tmp_path):
     res = runner._run_stage(a, "train", limit=0.5)
     assert res["status"] == "timeout" and "limit" in res["reason"]
     assert json.loads((tmp_path / "train.json").read_text())["status"] == "timeout"
+
+
+# ----------------------------------------------------------------------------- the train stage
+
+
+def _run(losses, kernels="triton", logged=None):
+    return {
+        "losses": losses,
+        "kernels": dict.fromkeys(("attention", "moe", "siglip", "lce"), kernels),
+        "kernels_logged": logged or {},
+        "images_per_s": 100.0,
+        "tokens_per_s": 1900.0,
+        "model_tflops": 0.01,
+        "mfu": None,
+        "peak_mib": None,
+    }
+
+
+_FALLING = [5.8, 5.1, 4.6, 4.2, 3.9, 3.7, 3.5, 3.4, 3.3, 3.2]
+
+
+@pytest.mark.parametrize(
+    "fault,precision,match",
+    [
+        (None, "fp32", None),
+        (None, "bf16", None),
+        ("nan", "bf16", "non-finite"),
+        ("flat", "bf16", "did not fall"),
+        ("identical", "fp32", "identical"),
+        ("on_ref", "bf16", "runs the references"),
+        ("fell_back", "bf16", "runs the references"),
+        ("first_step", "bf16", "step 1 differs"),
+        ("drift_fp32", "fp32", "differ by"),
+        ("final_bf16", "bf16", "final losses differ"),
+    ],
+)
+def test_train_gate(fault, precision, match):
+    """compare() passes two close falling curves of different implementations and fails each
+    way a kernels run can be wrong: NaN, no learning, the same code (identical losses), the
+    references selected or logged as a fallback, a different first step, drifting apart (fp32:
+    at any step; bf16: at the end)."""
+    ref = _run(list(_FALLING), kernels="ref")
+    rel = 1e-7 if precision == "fp32" else 5e-3  # rounding-sized differences of each dtype
+    other = _run([x * (1 + rel * (-1) ** i) for i, x in enumerate(_FALLING)])
+    if fault == "nan":
+        other["losses"][4] = float("nan")
+    elif fault == "flat":
+        other["losses"] = [5.8] * 9 + [5.9]
+    elif fault == "identical":
+        other["losses"] = list(ref["losses"])
+    elif fault == "on_ref":
+        other["kernels"]["attention"] = "ref"
+    elif fault == "fell_back":
+        other["kernels_logged"] = {"moe": "ref (fell back)"}
+    elif fault == "first_step":
+        other["losses"][0] *= 1.03
+    elif fault == "drift_fp32":
+        other["losses"][5] += 2e-3
+    elif fault == "final_bf16":
+        other["losses"][-1] += 0.3
+    if match is None:
+        res = stage_train.compare(ref, other, "auto", precision)
+        assert len(res["losses_side_by_side"]) == len(_FALLING)
+        assert res["max_abs_loss_diff"] > 0
+    else:
+        with pytest.raises(AssertionError, match=match):
+            stage_train.compare(ref, other, "auto", precision)
+
+
+def test_gpu_train_command_is_a_valid_zero3_bf16_run(tmp_path):
+    """The GPU run's command line (never run here) parses into the config the stage means:
+    bf16, ZeRO-3, routed experts, head dim 64, no evaluation, no W&B."""
+    from fastcap.cli.train import parser
+    from fastcap.train import engine
+    from fastcap.train.config import build
+
+    size = stage_train.GPU
+    config = stage_train.zero3_config(tmp_path)
+    cmd = stage_train.train_command(tmp_path / "d", tmp_path / "r", size, "bf16", config)
+    assert cmd[:3] == [sys.executable, "-m", "fastcap.cli.train"]
+    args = parser().parse_intermixed_args(cmd[3:])
+    flags = ["wandb=disabled", f"max_steps={args.steps}", f"batch_size={args.batch_size}"]
+    cfg = build(args.preset, args.config, flags + args.overrides)
+    assert (cfg.precision, cfg.wandb, cfg.max_steps) == ("bf16", "disabled", size.steps)
+    assert engine.deepspeed_config(cfg, 1, "bf16")["zero_optimization"]["stage"] == 3
+    assert cfg.model.moe.enabled and cfg.model.head_dim == 64
+    assert cfg.data.eval_splits == [] and cfg.eval_every > size.steps
+    assert cfg.batch_size == size.batch and cfg.log_every == 1
+
+
+def test_deepspeed_missing_without_wheels_skips_with_the_fix(tmp_path, monkeypatch):
+    real = stage_train.importlib.util.find_spec
+    monkeypatch.setattr(
+        stage_train.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else real(name, *a),
+    )
+    with pytest.raises(harness.Skip, match="make gpu-wheels"):
+        stage_train._deepspeed(tmp_path / "none", tmp_path / "site")
+
+
+def test_package_root_imports_the_checkout_as_installed(tmp_path):
+    """What the train stage puts on fastcap-train's PYTHONPATH: fastcap from the checkout, with
+    kernels/ as fastcap.kernels and csrc/ found by the extension loader, as pyproject.toml's
+    package-dir maps them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((harness.REPO / "pyproject.toml").read_text())
+    mapped = pyproject["tool"]["setuptools"]["package-dir"]
+    dirs = harness.PACKAGE_DIRS.items()
+    assert mapped == {f"fastcap.{k}": str(p.relative_to(harness.REPO)) for k, p in dirs}
+    root = harness.package_root(tmp_path / "pkg")
+    code = (
+        "import fastcap, fastcap.kernels.siglip as k, fastcap.common.moe_align as m;"
+        "print(fastcap.__file__); print(k.__file__); print(m.csrc_dir())"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = dict(capture_output=True, text=True, env=env, check=True, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], **run).stdout.split()
+    assert out[0] == str(root / "fastcap" / "__init__.py")  # not the editable install's
+    assert Path(out[1]).resolve() == harness.REPO / "kernels" / "siglip.py"
+    assert Path(out[2]) == harness.REPO / "csrc"
+
+
+def _tiny_wheel(src: Path, out: Path, version: str) -> Path:
+    """A wheel of a one-module package built by pip, as `make gpu-wheels` builds DeepSpeed."""
+    (src / "gpucheck_probe").mkdir(parents=True)
+    (src / "gpucheck_probe" / "__init__.py").write_text(f"VERSION = {version!r}\n")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "gpucheck-probe"\nversion = "{version}"\n'
+    )
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*cmd, "--no-index", "-w", str(out), str(src)], check=True)
+    return next(out.glob("gpucheck_probe-*.whl"))
+
+
+@pytest.mark.slow
+def test_wheels_install_into_a_target_folder(tmp_path):
+    """No network: a folder of wheels installs into a --target folder that a subprocess then
+    imports from; wheels of distributions already installed at that version or newer are left
+    out, older ones are installed."""
+    folder = tmp_path / "wheels"
+    whl = _tiny_wheel(tmp_path / "src", folder, "1.2.3")
+    assert wheels.wheel_name_version(whl) == ("gpucheck-probe", "1.2.3")
+    todo, present = wheels.plan(folder)
+    assert todo == [whl] and present == {}
+    target = tmp_path / "site"
+    res = wheels.install(folder, target)
+    assert res["installed"] == ["gpucheck-probe==1.2.3"]
+    env = dict(os.environ, PYTHONPATH=str(target))
+    probe = "import gpucheck_probe as p; print(p.VERSION, p.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    assert out[0] == "1.2.3" and out[1].startswith(str(target))
+    # pytest is installed here: its own version is left out, a newer wheel is not
+    have = importlib.metadata.version("pytest")
+    (folder / f"pytest-{have}-py3-none-any.whl").touch()
+    (folder / "pytest-999.0-py3-none-any.whl").touch()
+    todo, present = wheels.plan(folder)
+    assert present == {"pytest": have}
+    assert {w.name for w in todo} == {whl.name, "pytest-999.0-py3-none-any.whl"}
+    cmd = wheels.install_command(todo, target)
+    assert {"--no-index", "--no-deps", "--target"} <= set(cmd) and cmd[-len(todo) :] == [
+        str(w) for w in todo
+    ]
+
+
+def test_gpu_wheels_pins_one_version_of_each():
+    names = [wheels._norm(p.split("==")[0]) for p in wheels.PINS]
+    assert all("==" in p for p in wheels.PINS)
+    assert len(names) == len(set(names)) and {"deepspeed", "pydantic-core"} <= set(names)
 
 
 def test_bf16_peak_lookup():

@@ -22,13 +22,12 @@ Stages, in order (``--stages env,ext`` runs a subset), one module each:
               shapes: CUDA events, warm-up (which also absorbs autotuning), median of repeats,
               TFLOP/s from the analytic counts of ``bench/flops.py``, peak memory above the
               inputs.
-* ``train``   (:mod:`.stage_train`) the shapes captioner trained 50 steps with
-              ``FASTCAP_KERNELS=ref`` and with ``auto`` from the same weights and batches: losses
-              side by side, step time, MFU. A plain PyTorch loop with AdamW and fp32 master
-              weights (bf16 forward/backward on a GPU, as DeepSpeed's bf16 mode does), so neither
-              DeepSpeed nor ``tokenizers`` is needed: the data are rendered in memory and
-              tokenised with a word vocabulary. The ZeRO-3 step itself is measured by
-              ``bench/bench_step.py``.
+* ``train``   (:mod:`.stage_train`) the product: ``fastcap-train`` (``python -m
+              fastcap.cli.train``) under DeepSpeed ZeRO-3 in bf16 on generated shapes data, 50
+              steps with ``FASTCAP_KERNELS=ref`` and with ``auto`` from the same seed: losses
+              side by side, images/s, tokens/s, MFU, peak memory, and a gate on the two curves.
+              Where DeepSpeed is missing it first installs the wheels of ``make gpu-wheels``
+              (:mod:`.wheels`, ``--wheels``, default ``.gpu-wheels/``) with ``pip --target``.
 
 Each stage runs in its own process with a time limit (the process group is killed when it runs
 over) inside a global budget of 7.5 minutes (:mod:`.runner`), and writes ``<out>/<stage>.json``
@@ -38,13 +37,14 @@ flight. ``<out>/summary.json`` gathers all of it and a short table is printed la
 ``--dry-run`` (no GPU needed): the same stages at tiny shapes and few steps, Triton under
 ``TRITON_INTERPRET=1``; bf16 checks are skipped there (the interpreter's bf16 is wrong) and the
 timings only prove that the code runs. On a CPU ``auto`` would pick the references, so the
-dry run's second training run forces the Triton kernels instead (``triton``, interpreted): the
-comparison is between two implementations, not two runs of the same code. ``--quick``: fewer
-repeats and steps, largest shapes left out.
+dry run's second training run forces the Triton kernels instead (``triton``, interpreted, in
+fp32): the comparison is between two implementations, not two runs of the same code.
+``--quick``: fewer repeats and steps, largest shapes left out.
 
-Needs only torch, Triton, ninja and nvcc (plus numpy, Pillow and torchvision for the training
-stage, which says so and skips when they are missing); works from a plain checkout without
-``pip install``. Nothing here is collected by pytest (no ``test_*``/``bench_*`` file names).
+Needs torch, Triton, ninja and nvcc; the train stage also needs numpy, Pillow, torchvision and
+tokenizers (it says so and skips when one is missing) and DeepSpeed (installed from the wheels,
+or skipped saying how to make them). Works from a plain checkout without ``pip install``.
+Nothing here is collected by pytest (no ``test_*``/``bench_*`` file names).
 """
 
 STAGES = ("env", "ext", "correct", "timing", "train")

@@ -13,6 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# pyproject.toml's [tool.setuptools.package-dir]: installed, these folders are fastcap.<name>
+PACKAGE_DIRS = {"kernels": REPO / "kernels", "csrc": REPO / "csrc"}
+
+
+def package_root(dest: Path) -> Path:
+    """Make ``dest`` a folder for the ``PYTHONPATH`` of a subprocess that runs the product
+    (``python -m fastcap.cli.train``) from this checkout without ``pip install``: ``dest/fastcap``
+    is the package laid out as pip installs it, a symlink to each entry of ``fastcap/`` plus
+    ``kernels`` and ``csrc`` (:data:`PACKAGE_DIRS`). Returns ``dest``."""
+    pkg = dest / "fastcap"
+    pkg.mkdir(parents=True)
+    for entry in sorted((REPO / "fastcap").iterdir()):
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for name, src in PACKAGE_DIRS.items():
+        (pkg / name).symlink_to(src)
+    return dest
 
 
 def bootstrap() -> None:
@@ -23,10 +40,11 @@ def bootstrap() -> None:
         import fastcap.kernels  # noqa: F401
     except ImportError:
         # not installed: ``kernels/`` is the package ``fastcap.kernels`` (see pyproject.toml)
+        kernels = PACKAGE_DIRS["kernels"]
         spec = importlib.util.spec_from_file_location(
             "fastcap.kernels",
-            REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")],
+            kernels / "__init__.py",
+            submodule_search_locations=[str(kernels)],
         )
         mod = importlib.util.module_from_spec(spec)
         sys.modules["fastcap.kernels"] = mod

@@ -20,16 +20,19 @@ from pathlib import Path
 
 from . import STAGES
 from .harness import Report, Skip, bootstrap
+from .wheels import DEFAULT_DIR as WHEELS_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # ``python <this folder>`` runs __main__.py
-# Seconds per stage on a GPU, and the whole run's budget: the issue allows 8 minutes.
-LIMIT_S = {"env": 60, "ext": 180, "correct": 150, "timing": 240, "train": 150}
+# Seconds per stage on a GPU, and the whole run's budget: the issue allows 8 minutes. The train
+# stage starts fastcap-train twice (process, DeepSpeed and CUDA start-up, then Triton's
+# compilation and autotuning in the auto run): none of it measured on a GPU yet.
+LIMIT_S = {"env": 60, "ext": 180, "correct": 150, "timing": 240, "train": 180}
 TOTAL_S = 450
-DRY_LIMIT_S = {"env": 60, "ext": 150, "correct": 150, "timing": 120, "train": 120}
+DRY_LIMIT_S = {"env": 60, "ext": 150, "correct": 150, "timing": 120, "train": 150}
 DRY_TOTAL_S = 420
 # Kept back for each later stage when a stage's limit is set, so one slow stage cannot starve
 # the rest of the run.
-RESERVE_S = {"env": 15, "ext": 30, "correct": 60, "timing": 60, "train": 60}
+RESERVE_S = {"env": 15, "ext": 30, "correct": 60, "timing": 60, "train": 120}
 
 
 def _child(a) -> int:
@@ -59,6 +62,8 @@ def _run_stage(a, stage: str, limit: float) -> dict:
     out = Path(a.out)
     cmd = [sys.executable, str(PACKAGE_DIR), "--stage", stage, "--out", str(out)]
     cmd += ["--dry-run"] * a.dry_run + ["--quick"] * a.quick
+    cmd += ["--wheels", str(getattr(a, "wheels", WHEELS_DIR))]
+    cmd += ["--deadline", f"{time.time() + limit:.1f}"]  # the stage may pace itself by it
     t0 = time.perf_counter()
     # own process group: on a timeout the stage and anything it started (nvcc, ninja) go
     proc = subprocess.Popen(cmd, start_new_session=True)
@@ -119,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU walk-through at tiny shapes")
     p.add_argument("--quick", action="store_true", help="fewer repeats/steps, no largest shapes")
     p.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
+    p.add_argument(
+        "--wheels",
+        type=Path,
+        default=WHEELS_DIR,
+        help="wheels the train stage installs when DeepSpeed is missing (make gpu-wheels)",
+    )
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)  # internal: the stage's end
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     a = p.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -142,12 +142,13 @@ def _log_once(op: str, msg: str, level: int = logging.INFO) -> None:
         log.log(level, msg)
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """Name of the implementation of ``op`` to use for tensors on ``device``."""
+def resolve(op: str, device: torch.device, *, quiet: bool = False) -> str:
+    """Name of the implementation of ``op`` to use for tensors on ``device`` (``quiet``: do
+    not log the choice, for a check made before logging is set up)."""
     spec = os.environ.get(ENV)
     choice = parse(spec)[op]
     bare = _bare_default(spec)
-    if choice == "auto" and bare not in (None, "auto") and bare not in IMPLS[op]:
+    if not quiet and choice == "auto" and bare not in (None, "auto") and bare not in IMPLS[op]:
         _log_once(
             op,
             f"fastcap.ops: {op} has no {bare!r} implementation; {ENV}={spec} leaves it at auto",
@@ -165,10 +166,12 @@ def resolve(op: str, device: torch.device) -> str:
     for impl in AUTO_CUDA_ORDER[op]:
         why = _why_not(op, impl, device)
         if why is None:
-            _log_once(op, f"fastcap.ops: {op} -> {impl} (auto)")
+            if not quiet:
+                _log_once(op, f"fastcap.ops: {op} -> {impl} (auto)")
             return impl
         reasons.append(why)
-    _log_once(op, f"fastcap.ops: {op} falls back to ref (auto): {'; '.join(reasons)}")
+    if not quiet:
+        _log_once(op, f"fastcap.ops: {op} falls back to ref (auto): {'; '.join(reasons)}")
     return "ref"
 
 
@@ -181,4 +184,4 @@ def validate(ops: tuple[str, ...], device: torch.device) -> None:
     """Raise now, before any work, if the flag names something that cannot run for these ops
     on ``device`` (the same errors as the first call would raise)."""
     for op in ops:
-        resolve(op, device)
+        resolve(op, device, quiet=True)
