@@ -14,9 +14,10 @@ def _world() -> int:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
+    if _world() == 1:
+        return flag  # no tensor, no device round trip
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if _world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

@@ -103,9 +103,12 @@ class StepRunner:
             scale = share * self.parts  # 1.0 for equal slices: the loss is left untouched
             engine.backward(out["loss"] if scale == 1.0 else out["loss"] * scale)
             engine.step()
-            # keep numbers, never the graph: nothing that holds it outlives the step
-            for k, v in out.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) * share
+            # keep numbers, never the graph: nothing that holds it outlives the step. One host
+            # transfer for all the terms, not one synchronisation per term.
+            keys = list(out)
+            values = torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()
+            for k, v in zip(keys, values):
+                logs[k] = logs.get(k, 0.0) + v * share
             del out
         for k in TERMS:
             logs.setdefault(k, float("nan"))  # every micro-batch skipped: nothing measured
