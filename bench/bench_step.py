@@ -191,3 +191,52 @@ def test_one_rank_overhead_vs_bare(benchmark, one_rank_steps, side):
     print(f"\n{side}/bare: median {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
     if side == "engine":
         assert r["median"] < 1.10, r
+
+
+@pytest.mark.skipif(GPU, reason="measured on the CPU here; the GPU check times the GPU step")
+@pytest.mark.parametrize("variant", ["contiguous_input", "batchnorm_trunk"])
+def test_trunk_choices(benchmark, variant):
+    """The captioner's forward + backward at shapes-tiny's batch of 128, against what
+    VisionEncoder does (channels-last images into a GroupNorm trunk): the same model fed
+    contiguous images (the trunk's convolutions then run in NCHW), or a BatchNorm trunk.
+    Ratio > 1: the variant is slower."""
+    import copy
+
+    from conftest import interleaved_ratio
+
+    from fastcap.model import Captioner
+    from fastcap.model import vision as vision_mod
+    from fastcap.train.config import preset
+
+    mc = preset("shapes-tiny").model
+    mc.vocab_size = 96
+    torch.manual_seed(0)
+    ours = Captioner(mc)
+    B, L = OVERHEAD_B, 20
+    x = torch.randn(B, 3, mc.image_size, mc.image_size)
+    lens = torch.full((B,), L)
+    tokens = torch.randint(3, 96, (B, L))
+    tokens[:, 0], tokens[:, -1] = mc.bos_id, mc.eos_id
+
+    def run(m):
+        m(x, tokens, lens)["loss"].backward()
+        m.zero_grad(set_to_none=True)
+
+    if variant == "batchnorm_trunk":
+        bn = copy.deepcopy(mc)
+        bn.trunk_norm = "batch"
+        other = Captioner(bn)
+        r = interleaved_ratio(lambda: run(other), lambda: run(ours), (), pairs=7)
+    else:
+
+        def nchw_run():  # the trunk sees the images as they come (NCHW)
+            vision_mod.CHANNELS_LAST = False
+            try:
+                run(ours)
+            finally:
+                vision_mod.CHANNELS_LAST = True
+
+        r = interleaved_ratio(nchw_run, lambda: run(ours), (), pairs=7)
+    benchmark.extra_info.update({f"slowdown_{k}": round(r[k], 3) for k in ("median", "min", "max")})
+    benchmark.pedantic(lambda: None, rounds=1)
+    print(f"\n{variant} / ours: median {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")

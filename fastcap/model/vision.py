@@ -41,6 +41,12 @@ def build_trunk(
     return nn.Sequential(*layers), channels
 
 
+CHANNELS_LAST = True
+"""Feed the trunk channels-last images: its convolutions then run NHWC, faster than NCHW on
+the CPU (bench/bench_step.py::test_trunk_choices, bench/RESULTS.md) and what cuDNN's tensor-core
+kernels want on a GPU."""
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -63,9 +69,8 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (B, 3, S, S) normalised -> tokens (B, N, d), pooled embedding (B, embed_dim)."""
-        # channels-last convolutions: 1.10x the contiguous trunk's fwd+bwd on shapes-tiny, CPU
-        # (interleaved pairs); on GPUs it is what cuDNN's tensor-core kernels want
-        images = images.contiguous(memory_format=torch.channels_last)
+        if CHANNELS_LAST:
+            images = images.contiguous(memory_format=torch.channels_last)
         f = self.proj(self.trunk(images))  # (B, d, g, g)
         B, d, g, _ = f.shape
         p = self.cfg.patch
