@@ -41,21 +41,17 @@ def _run(tmp_path, name, shapes, overrides, args=(), faults=None, check=True):
         f"optim.lr={LR}",
         f"optim.min_lr_ratio={FLOOR}",
     ]
-    r = subprocess.run(
-        _cmd(["--out", str(out), *common, *args], faults=faults is not None),
-        env=_env(faults),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    return out, _invoke(["--out", str(out), *common, *args], faults, check)
 
 
 def _resume(out, faults=None, check=True, extra=()):
+    return _invoke(["--resume", str(out), *extra], faults, check)
+
+
+def _invoke(args, faults, check):
+    """fastcap-train (with ``faults`` injected, if any) in a subprocess."""
     r = subprocess.run(
-        _cmd(["--resume", str(out), *extra], faults=faults is not None),
+        _cmd(args, faults=faults is not None),
         env=_env(faults),
         capture_output=True,
         text=True,
