@@ -36,6 +36,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from fastcap.data.images import decode_bytes
@@ -326,7 +327,18 @@ class WdsSet:
                 self.shuffle_buffer,
             )
             if self.num_workers > 0:
-                ds = DataLoader(ds, batch_size=None, num_workers=1, collate_fn=_identity)
+                # pin_memory: the step's non_blocking copy overlaps only from pinned memory (see
+                # StreamSet.batches); the stream's tuples are pinned in its loader's own thread.
+                # Not persistent: the worker's dataset is this epoch's stream (its seed, its
+                # skip), so the loader is rebuilt per call and a persistent worker keeps nothing.
+                ds = DataLoader(
+                    ds,
+                    batch_size=None,
+                    num_workers=1,
+                    collate_fn=_identity,
+                    pin_memory=torch.cuda.is_available(),
+                    persistent_workers=False,
+                )
             iters.append(iter(ds))
         for s in order[start:]:
             images, tokens, lens, ids, bad = next(iters[s])
