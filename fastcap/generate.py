@@ -1,10 +1,13 @@
 """Caption decoding: greedy, beam search and nucleus sampling over one KV-cached decoding step.
 
-The image keys/values of every cross-attention layer are projected once per image (and, for
-beam search, repeated once per beam); self-attention keys/values are cached per layer and
-extended one token a step. Rows whose sequence has finished (eos) leave the batch: their cache
-rows, image keys/values and prefixes are dropped, so they cost no further work and cannot change
-the others. Their output keeps only padding after eos.
+The image keys/values of every cross-attention layer are projected once per image (repeated
+once per sample of an image; beam search keeps one row per image, which all its beams attend
+to, so reordering beams never moves them). Self-attention keys/values live in one preallocated
+:class:`~fastcap.model.layers.KVCache` per layer, written in place one token a step. Rows whose
+sequence has finished (eos) leave the batch at the next look (:data:`FINISH_CHECK_EVERY`): their
+cache rows, image keys/values and prefixes are dropped, so they cost no further work and cannot
+change the others. Their output keeps only padding after eos. No step reads a value on the host
+except those looks.
 
 Per step, for every strategy, the next-token distribution is made in one order:
 
@@ -152,18 +155,32 @@ def check_controls(
 
 
 # ---------------------------------------------------------------------- the shared step
+# How often, in steps, the decoders look for rows (greedy, sampling) or images (beam) that have
+# finished, by device type. Each look reads a flag on the host: free on a CPU, a stall of the
+# queue on a GPU. Between looks finished rows stay in the batch, masked (their tokens pad, their
+# scores and hypotheses frozen), so the tokens do not depend on it (only the batch the matmuls
+# see does); sampling's draws do, as finished rows still draw.
+FINISH_CHECK_EVERY = {"cpu": 1}
+DEFAULT_FINISH_CHECK_EVERY = 8
+
+
+def _check_every(device: torch.device) -> int:
+    return FINISH_CHECK_EVERY.get(device.type, DEFAULT_FINISH_CHECK_EVERY)
+
+
 def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
 def _start(model, images: Tensor | None, image_tokens: Tensor | None, repeat: int):
     """Encode images once (unless their tokens are given) -> (image kv, B, device); the kv
-    repeated ``repeat`` times per image (beams)."""
+    repeated ``repeat`` times per image (samples of one image, which finish one by one)."""
     if image_tokens is None:
         if images is None:
             raise ValueError("give images (B, 3, S, S) or image_tokens (B, N, d)")
         image_tokens, _ = model.encode_image(images.to(_model_dtype(model)))
-    img_kv = model.image_kv(image_tokens)
+    # contiguous once: every step reads them, strided reads cost more
+    img_kv = [(k.contiguous(), v.contiguous()) for k, v in model.image_kv(image_tokens)]
     if repeat > 1:
         img_kv = [
             (k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in img_kv
@@ -171,14 +188,9 @@ def _start(model, images: Tensor | None, image_tokens: Tensor | None, repeat: in
     return img_kv, image_tokens.shape[0], image_tokens.device
 
 
-def _rows(img_kv, cache, idx: Tensor):
-    """Keep (or reorder) batch rows ``idx`` of the image kv and the self-attention cache."""
-    img_kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in img_kv]
-    if cache is not None:
-        for c in cache:
-            if "k" in c:
-                c["k"], c["v"] = c["k"].index_select(0, idx), c["v"].index_select(0, idx)
-    return img_kv
+def _select(img_kv, idx: Tensor):
+    """Keep rows ``idx`` of the image keys/values of every cross-attention layer."""
+    return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in img_kv]
 
 
 def _next_logits(model, seq: Tensor, img_kv, cache) -> Tensor:
@@ -187,29 +199,56 @@ def _next_logits(model, seq: Tensor, img_kv, cache) -> Tensor:
     With a cache only the newest token is fed (the cache holds the other t - 1 positions);
     without one the whole prefix is recomputed (the baseline the cache is measured against).
     """
-    R, t = seq.shape
-    kv_lens = torch.full((R,), t, dtype=torch.long, device=seq.device)
-    tokens = seq if cache is None else seq[:, -1:]
-    h, _, _ = model.decode(tokens, kv_lens, img_kv, cache)
+    if cache is None:
+        R, t = seq.shape
+        h, _, _ = model.decode(
+            seq, torch.full((R,), t, dtype=torch.long, device=seq.device), img_kv
+        )
+    else:
+        h, _, _ = model.decode(seq[:, -1:], None, img_kv, cache)
     return model.logits(h[:, -1])
 
 
-def _log_probs(logits: Tensor, seq: Tensor, step: int, ctl: _Controls, cfg) -> Tensor:
-    """The processing chain of the module docstring: (R, V) logits -> (R, V) log-probs."""
-    logits = apply_repetition_penalty(logits.float().clone(), seq[:, 1:], ctl.repetition_penalty)
+def _bans(cfg, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(V,) bool masks of the tokens banned at every step (pad, bos) and of those banned before
+    ``min_new_tokens`` (also eos): built once per call, applied with one ``masked_fill``."""
+    always = torch.zeros(V, dtype=torch.bool, device=device)
+    always[[cfg.pad_id, cfg.bos_id]] = True
+    early = always.clone()
+    early[cfg.eos_id] = True
+    return always, early
+
+
+def _log_probs(
+    logits: Tensor,
+    seq: Tensor,
+    step: int | Tensor,
+    ctl: _Controls,
+    cfg,
+    bans: tuple[Tensor, Tensor],
+) -> Tensor:
+    """The processing chain of the module docstring: (R, V) logits -> (R, V) log-probs;
+    ``seq`` (R, t) bos + the tokens so far, ``bans`` from :func:`_bans`; ``step`` may be a
+    (1,) device tensor (static decoding)."""
+    logits = logits.float()
+    if ctl.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits.clone(), seq[:, 1:], ctl.repetition_penalty)
     if ctl.temperature != 1.0:
         logits = logits / ctl.temperature
-    logp = logits.log_softmax(-1)
-    logp[:, [cfg.pad_id, cfg.bos_id]] = NEG_INF
-    if step < ctl.min_new_tokens:
-        logp[:, cfg.eos_id] = NEG_INF
+    free = logits.log_softmax(-1)
+    if isinstance(step, Tensor):  # static decoding: the step is on the device
+        ban = torch.where(step < ctl.min_new_tokens, bans[1], bans[0])
+    else:
+        ban = bans[int(step < ctl.min_new_tokens)]
+    logp = free.masked_fill(ban, NEG_INF)
     if ctl.no_repeat_ngram_size:
         ban_repeated_ngrams(logp, seq, ctl.no_repeat_ngram_size)
     # a row with every token banned may still end: eos at the probability it had
     # (no host sync: this runs every step)
-    dead = torch.isinf(logp).all(-1, keepdim=True)
-    is_eos = torch.arange(logp.shape[1], device=logp.device) == cfg.eos_id
-    return torch.where(dead & is_eos, logits.log_softmax(-1), logp)
+    dead = torch.isinf(logp).all(-1)
+    eos = cfg.eos_id
+    logp[:, eos] = torch.where(dead, free[:, eos], logp[:, eos])
+    return logp
 
 
 # ---------------------------------------------------------------------- greedy and sampling
@@ -228,32 +267,52 @@ def _decode_one_per_image(
     T = ctl.max_new_tokens
     img_kv, n_images, dev = _start(model, images, image_tokens, repeat)
     B = n_images * repeat  # rows: the samples of each image are adjacent
-    cache = [{} for _ in model.decoder.layers] if use_cache else None
+    cache = model.decoder.new_cache(T, dev) if use_cache else None
+    bans = _bans(cfg, cfg.vocab_size, dev)
+    every = _check_every(dev)
+    # results, by original row
     out = torch.full((B, T), cfg.pad_id, dtype=torch.long, device=dev)
     scores = torch.zeros(B, device=dev)
     lens = torch.full((B,), T, dtype=torch.long, device=dev)
     step_logits = None
     if output_logits:
         step_logits = torch.full((B, T, cfg.vocab_size), float("nan"), device=dev)
-    active = torch.arange(B, device=dev)  # original rows still decoding
-    seq = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=dev)
+    # the rows still in the batch: original row, bos + tokens (pad after eos), summed log-probs,
+    # length, finished (masked until the next look)
+    rows = torch.arange(B, device=dev)
+    seq = torch.full((B, T + 1), cfg.pad_id, dtype=torch.long, device=dev)
+    seq[:, 0] = cfg.bos_id
+    score = torch.zeros(B, device=dev)
+    ends = torch.full((B,), T, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(T):
-        logits = _next_logits(model, seq, img_kv, cache)
+        logits = _next_logits(model, seq[:, : t + 1], img_kv, cache)
         if step_logits is not None:
-            step_logits[active, t] = logits
-        logp = _log_probs(logits, seq, t, ctl, cfg)
-        nxt = pick(logp)  # (A,)
-        scores[active] += logp.gather(1, nxt[:, None]).squeeze(1)
-        out[active, t] = nxt
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        fin = nxt == cfg.eos_id
-        if bool(fin.any()):
-            lens[active[fin]] = t + 1
-            keep = (~fin).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            active, seq = active[keep], seq[keep]
-            img_kv = _rows(img_kv, cache, keep)
+            step_logits[rows, t] = logits.masked_fill(done[:, None], float("nan"))
+        logp = _log_probs(logits, seq[:, : t + 1], t, ctl, cfg, bans)
+        nxt = pick(logp).masked_fill(done, cfg.pad_id)  # (R,)
+        score += logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
+        seq[:, t + 1] = nxt
+        fin = nxt == cfg.eos_id  # finished rows hold pad: these end now
+        ends.masked_fill_(fin, t + 1)
+        done |= fin
+        if t + 1 == T or (t + 1) % every or not bool(done.any()):
+            continue
+        # finished rows leave the batch: their results go out, their cache rows are dropped
+        gone = done.nonzero().squeeze(1)
+        out[rows[gone]], scores[rows[gone]], lens[rows[gone]] = (
+            seq[gone, 1:],
+            score[gone],
+            ends[gone],
+        )
+        keep = (~done).nonzero().squeeze(1)
+        rows, seq, score, ends, done = rows[keep], seq[keep], score[keep], ends[keep], done[keep]
+        if keep.numel() == 0:
+            break
+        img_kv = _select(img_kv, keep)
+        for c in cache or ():
+            c.select_rows(keep)
+    out[rows], scores[rows], lens[rows] = seq[:, 1:], score, ends
     used = int(lens.max())
     if step_logits is not None:
         step_logits = step_logits[:, :used]
@@ -272,6 +331,7 @@ def greedy(
     use_cache: bool = True,
     output_logits: bool = False,
     image_tokens: Tensor | None = None,
+    static: bool = False,
 ) -> Generated:
     """Greedy decoding of normalised images (B, 3, S, S) -> Generated with B rows.
 
@@ -280,6 +340,12 @@ def greedy(
     ``output_logits`` also returns the model's logits (B, T, V) of every step.
     ``image_tokens`` (B, N, d) from ``model.encode_image`` skips the encoder (``images`` may
     then be None); the same holds for :func:`beam` and :func:`sample`.
+
+    ``static``: every step runs the same kernels on the same buffers (a full-length cache with
+    a length mask, the position on the device, finished rows kept and masked, no host read
+    but the look for the end every few steps); on CUDA one step is captured as a CUDA graph
+    and replayed. The same tokens; no repetition penalty, n-gram ban, logits output or MoE
+    decoder. Also :func:`beam`.
     """
     max_new = max_new_tokens or model.cfg.max_len - 1
     check_controls(
@@ -289,6 +355,10 @@ def greedy(
         no_repeat_ngram_size=no_repeat_ngram_size,
     )
     ctl = _Controls(max_new, min_new_tokens, repetition_penalty, no_repeat_ngram_size)
+    if static:
+        _check_static(ctl, output_logits)
+        img_kv, B, dev = _start(model, images, image_tokens, 1)
+        return _greedy_static(model, img_kv, B, dev, ctl)
     return _decode_one_per_image(
         model,
         images,
@@ -380,6 +450,7 @@ def beam(
     no_repeat_ngram_size: int = 0,
     use_cache: bool = True,
     image_tokens: Tensor | None = None,
+    static: bool = False,
 ) -> Generated:
     """Beam search, batched over images and beams at once -> Generated with
     B * num_return_sequences rows (image-major, best first); scores are length-penalised.
@@ -390,7 +461,7 @@ def beam(
     as they stand. An image stops searching when ``early_stopping`` and it has K finished
     hypotheses; without ``early_stopping`` only when no live beam can still beat its worst
     finished one (an exact bound: log-probs only fall, and lp is monotone in the length).
-    With num_beams=1 this is greedy decoding.
+    With num_beams=1 this is greedy decoding. ``static``: see :func:`greedy`.
     """
     cfg = model.cfg
     max_new = max_new_tokens or cfg.max_len - 1
@@ -405,44 +476,60 @@ def beam(
     )
     ctl = _Controls(max_new, min_new_tokens, repetition_penalty, no_repeat_ngram_size)
     K, T, alpha = num_beams, max_new, length_penalty
-    img_kv, B, dev = _start(model, images, image_tokens, K)
-    cache = [{} for _ in model.decoder.layers] if use_cache else None
-    # finished hypotheses of every image, best first: penalised score, tokens, length
-    fin_s = torch.full((B, K), NEG_INF, device=dev)
-    fin_tok = torch.full((B, K, T), cfg.pad_id, dtype=torch.long, device=dev)
-    fin_len = torch.zeros((B, K), dtype=torch.long, device=dev)
-    active = torch.arange(B, device=dev)  # images still searching
-    # live beams of the active images: only beam 0 is live at the start (all beams equal)
+    if static:
+        _check_static(ctl)
+        img_kv, B, dev = _start(model, images, image_tokens, 1)
+        return _beam_static(model, img_kv, B, dev, ctl, K, alpha, early_stopping,
+                            num_return_sequences)  # fmt: skip
+    # one row of image keys/values per image: its K beams share it (grouped cross-attention),
+    # so beam reordering never moves them
+    img_kv, B, dev = _start(model, images, image_tokens, 1)
+    cache = model.decoder.new_cache(T, dev) if use_cache else None
+    bans = _bans(cfg, cfg.vocab_size, dev)
+    every = _check_every(dev)
+    # results, by original image: finished hypotheses best first (penalised score, tokens, length)
+    out_s = torch.full((B, K), NEG_INF, device=dev)
+    out_tok = torch.full((B, K, T), cfg.pad_id, dtype=torch.long, device=dev)
+    out_len = torch.zeros((B, K), dtype=torch.long, device=dev)
+    # the images still searching (A of them): original image, finished hypotheses, done (frozen
+    # until the next look), live beams (only beam 0 at the start: all beams are equal), and the
+    # beams' bos + tokens (A * K rows, pad after the current step)
+    img = torch.arange(B, device=dev)
+    fin_s, fin_tok, fin_len = out_s.clone(), out_tok.clone(), out_len.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     beam_s = torch.full((B, K), NEG_INF, device=dev)
     beam_s[:, 0] = 0.0
-    seq = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=dev)
-    rank = torch.arange(2 * K, device=dev)
+    seq = torch.full((B * K, T + 1), cfg.pad_id, dtype=torch.long, device=dev)
+    seq[:, 0] = cfg.bos_id
+    first_k = torch.arange(2 * K, device=dev) < K
+    base = torch.arange(B, device=dev)[:, None] * K  # (A, 1) first row of each image
     for t in range(T):
-        A = active.numel()
-        logp = _log_probs(_next_logits(model, seq, img_kv, cache), seq, t, ctl, cfg)
+        A = beam_s.shape[0]
+        logits = _next_logits(model, seq[:, : t + 1], img_kv, cache)
+        logp = _log_probs(logits, seq[:, : t + 1], t, ctl, cfg, bans)
         V = logp.shape[1]
         cand = (beam_s.reshape(-1, 1) + logp).view(A, K * V)
-        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (A, 2K), best first
-        rows = top_i // V + torch.arange(A, device=dev)[:, None] * K  # row of seq it extends
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (A, C), best first
+        C = top_s.shape[1]
+        rows = top_i // V + base  # row of seq it extends
         tok = top_i % V
-        live = torch.isfinite(top_s)
         is_eos = tok == cfg.eos_id
         last = t == T - 1
-        finish = (is_eos | last) & live & (rank[None, : top_s.shape[1]] < K)
+        live = torch.isfinite(top_s) & first_k[:C] & ~done[:, None]
+        finish = (is_eos | last) & live
         # merge the new finished hypotheses into the kept K of each image
         L = t + 1
         new_s = torch.where(finish, top_s / length_penalty_factor(L, alpha), NEG_INF)
-        new_tok = torch.full((A, top_s.shape[1], T), cfg.pad_id, dtype=torch.long, device=dev)
-        if L > 1:
-            new_tok[:, :, : L - 1] = seq[rows.flatten(), 1:].view(A, -1, L - 1)
+        new_tok = seq.index_select(0, rows.flatten())[:, 1:].view(A, C, T)
         new_tok[:, :, L - 1] = tok
-        all_s = torch.cat([fin_s[active], new_s], dim=1)
-        all_tok = torch.cat([fin_tok[active], new_tok], dim=1)
-        all_len = torch.cat([fin_len[active], torch.full_like(tok, L)], dim=1)
-        best_s, best_i = all_s.topk(K, dim=1)
-        fin_s[active] = best_s
-        fin_tok[active] = all_tok.gather(1, best_i[:, :, None].expand(-1, -1, T))
-        fin_len[active] = all_len.gather(1, best_i)
+        best_s, best_i = torch.cat([fin_s, new_s], dim=1).topk(K, dim=1)
+        best_tok = torch.cat([fin_tok, new_tok], dim=1).gather(
+            1, best_i[:, :, None].expand(-1, -1, T)
+        )
+        best_len = torch.cat([fin_len, torch.full_like(tok, L)], dim=1).gather(1, best_i)
+        fin_s = torch.where(done[:, None], fin_s, best_s)
+        fin_tok = torch.where(done[:, None, None], fin_tok, best_tok)
+        fin_len = torch.where(done[:, None], fin_len, best_len)
         if last:
             break
         # the best K candidates that do not end in eos continue (there are always K: each
@@ -450,27 +537,184 @@ def beam(
         order = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :K]
         beam_s = top_s.gather(1, order)
         nxt_rows = rows.gather(1, order).flatten()
-        seq = torch.cat([seq[nxt_rows], tok.gather(1, order).reshape(-1, 1)], dim=1)
-        img_kv = _rows(img_kv, cache, nxt_rows)
+        seq = seq.index_select(0, nxt_rows)
+        seq[:, t + 1] = tok.gather(1, order).flatten()
+        for c in cache or ():
+            c.select_rows(nxt_rows)
         # which images are done
-        n_fin = torch.isfinite(best_s).sum(1)
+        n_fin = torch.isfinite(fin_s).sum(1)
         best_live = beam_s.max(1).values
         if early_stopping:
-            done = n_fin >= K
+            now = n_fin >= K
         else:
             horizon = T if alpha > 0 else L + 1
             bound = best_live / length_penalty_factor(horizon, alpha)
-            done = (n_fin >= K) & (best_s[:, -1] >= bound)
-        done |= ~torch.isfinite(best_live)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            active, beam_s = active[keep], beam_s[keep]
-            keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).flatten()
-            seq = seq[keep_rows]
-            img_kv = _rows(img_kv, cache, keep_rows)
+            now = (n_fin >= K) & (fin_s[:, -1] >= bound)
+        done |= now | ~torch.isfinite(best_live)
+        if (t + 1) % every or not bool(done.any()):
+            continue
+        # done images leave the search: their hypotheses go out, their rows are dropped
+        gone = done.nonzero().squeeze(1)
+        out_s[img[gone]], out_tok[img[gone]], out_len[img[gone]] = (
+            fin_s[gone],
+            fin_tok[gone],
+            fin_len[gone],
+        )
+        keep = (~done).nonzero().squeeze(1)
+        img, fin_s, fin_tok, fin_len = img[keep], fin_s[keep], fin_tok[keep], fin_len[keep]
+        if keep.numel() == 0:
+            break
+        done, beam_s = done[keep], beam_s[keep]
+        keep_rows = (keep[:, None] * K + torch.arange(K, device=dev)).flatten()
+        seq = seq[keep_rows]
+        img_kv = _select(img_kv, keep)
+        for c in cache or ():
+            c.select_rows(keep_rows)
+        base = base[: keep.numel()]
+    out_s[img], out_tok[img], out_len[img] = fin_s, fin_tok, fin_len
     R = num_return_sequences
+    lens = out_len[:, :R].reshape(-1)
+    used = int(lens.max())
+    return Generated(out_tok[:, :R, :used].reshape(B * R, used), lens, out_s[:, :R].reshape(-1))
+
+
+# ---------------------------------------------------------------------- static decoding
+def _check_static(ctl: _Controls, output_logits: bool = False) -> None:
+    if ctl.repetition_penalty != 1.0 or ctl.no_repeat_ngram_size or output_logits:
+        raise ValueError(
+            "static=True decodes with min/max_new_tokens only (the history-dependent "
+            "processors need the prefix length on the host): drop repetition_penalty, "
+            "no_repeat_ngram_size and output_logits, or use static=False"
+        )
+
+
+def _run_static(step, T: int, dev: torch.device, finished) -> None:
+    """Run ``step`` (which advances the device position itself) up to T times.
+
+    On CUDA the first step runs eagerly on a side stream (lazy initialisation, Triton
+    compilation and autotuning, cuBLAS workspaces), the second is captured as a CUDA graph, and
+    that graph is replayed for every later step; elsewhere each step runs eagerly.
+    ``finished()`` (0-d bool) is read every :func:`_check_every` steps, a host
+    synchronisation, to stop once every row is done.
+    """
+    every = _check_every(dev)
+    graph = None
+    for t in range(T):
+        if t and t % every == 0 and bool(finished()):
+            return
+        if dev.type != "cuda":
+            step()
+        elif t == 0:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+        else:
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()  # recorded, not run
+            graph.replay()
+
+
+def _greedy_static(model, img_kv, B: int, dev: torch.device, ctl: _Controls) -> Generated:
+    """Greedy decoding with every step the same: finished rows stay, masked (see ``static``
+    in :func:`greedy`)."""
+    cfg = model.cfg
+    T = ctl.max_new_tokens
+    cache = model.decoder.new_cache(T, dev, static=True)
+    pos = cache[0].pos  # (1,) the position fed this step
+    bans = _bans(cfg, cfg.vocab_size, dev)
+    seq = torch.full((B, T + 1), cfg.pad_id, dtype=torch.long, device=dev)
+    seq[:, 0] = cfg.bos_id
+    score = torch.zeros(B, device=dev)
+    ends = torch.full((B,), T, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    def step():
+        logits = _next_logits(model, seq.index_select(1, pos), img_kv, cache)
+        logp = _log_probs(logits, seq, pos, ctl, cfg, bans)
+        nxt = logp.argmax(-1).masked_fill(done, cfg.pad_id)
+        score.add_(logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0))
+        seq.index_copy_(1, pos + 1, nxt[:, None])
+        fin = nxt == cfg.eos_id
+        ends.copy_(torch.where(fin, pos + 1, ends))
+        done.logical_or_(fin)
+        pos.add_(1)
+
+    _run_static(step, T, dev, done.all)
+    used = int(ends.max())
+    return Generated(seq[:, 1 : used + 1], ends, score)
+
+
+def _beam_static(
+    model, img_kv, B: int, dev: torch.device, ctl: _Controls, K: int, alpha: float,
+    early_stopping: bool, R: int,
+) -> Generated:  # fmt: skip
+    """:func:`beam` with every step the same: done images stay, frozen, and the position and
+    length penalty live on the device. Same bookkeeping as the dynamic loop, on fixed buffers."""
+    cfg = model.cfg
+    T = ctl.max_new_tokens
+    cache = model.decoder.new_cache(T, dev, static=True)
+    pos = cache[0].pos
+    bans = _bans(cfg, cfg.vocab_size, dev)
+    V = cfg.vocab_size
+    C = min(2 * K, K * V)
+    fin_s = torch.full((B, K), NEG_INF, device=dev)
+    fin_tok = torch.full((B, K, T), cfg.pad_id, dtype=torch.long, device=dev)
+    fin_len = torch.zeros((B, K), dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    beam_s = torch.full((B, K), NEG_INF, device=dev)
+    beam_s[:, 0] = 0.0
+    seq = torch.full((B * K, T + 1), cfg.pad_id, dtype=torch.long, device=dev)
+    seq[:, 0] = cfg.bos_id
+    first_k = torch.arange(C, device=dev) < K
+    base = torch.arange(B, device=dev)[:, None] * K
+
+    def step():
+        logits = _next_logits(model, seq.index_select(1, pos), img_kv, cache)
+        logp = _log_probs(logits, seq, pos, ctl, cfg, bans)
+        cand = (beam_s.reshape(-1, 1) + logp).view(B, K * V)
+        top_s, top_i = cand.topk(C, dim=1)
+        rows = top_i // V + base
+        tok = top_i % V
+        is_eos = tok == cfg.eos_id
+        L = pos + 1  # (1,) tokens generated after this step
+        live = torch.isfinite(top_s) & first_k & ~done[:, None]
+        finish = (is_eos | (L == T)) & live
+        # the length penalty in float64, as the dynamic loop's Python float
+        lp = length_penalty_factor(L.double(), alpha).to(top_s.dtype)
+        new_s = torch.where(finish, top_s / lp, NEG_INF)
+        new_tok = seq.index_select(0, rows.flatten())[:, 1:].view(B, C, T)
+        new_tok.index_copy_(2, pos, tok[:, :, None])
+        best_s, best_i = torch.cat([fin_s, new_s], dim=1).topk(K, dim=1)
+        best_tok = torch.cat([fin_tok, new_tok], dim=1).gather(
+            1, best_i[:, :, None].expand(-1, -1, T)
+        )
+        best_len = torch.cat([fin_len, L.expand_as(tok)], dim=1).gather(1, best_i)
+        fin_s.copy_(torch.where(done[:, None], fin_s, best_s))
+        fin_tok.copy_(torch.where(done[:, None, None], fin_tok, best_tok))
+        fin_len.copy_(torch.where(done[:, None], fin_len, best_len))
+        order = torch.sort(is_eos.int(), dim=1, stable=True).indices[:, :K]
+        beam_s.copy_(top_s.gather(1, order))
+        nxt_rows = rows.gather(1, order).flatten()
+        seq.copy_(seq.index_select(0, nxt_rows))
+        seq.index_copy_(1, L, tok.gather(1, order).reshape(-1, 1))
+        for c in cache:
+            c.select_rows(nxt_rows)
+        n_fin = torch.isfinite(fin_s).sum(1)
+        best_live = beam_s.max(1).values
+        if early_stopping:
+            now = n_fin >= K
+        else:
+            horizon = torch.full_like(L, T) if alpha > 0 else L + 1
+            bound = best_live / length_penalty_factor(horizon.double(), alpha).to(top_s.dtype)
+            now = (n_fin >= K) & (fin_s[:, -1] >= bound)
+        done.logical_or_(now | ~torch.isfinite(best_live))
+        pos.add_(1)
+
+    _run_static(step, T, dev, done.all)
     lens = fin_len[:, :R].reshape(-1)
     used = int(lens.max())
     return Generated(fin_tok[:, :R, :used].reshape(B * R, used), lens, fin_s[:, :R].reshape(-1))

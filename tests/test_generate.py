@@ -1,6 +1,7 @@
 """Decoding: the KV cache against a full recompute, beam search against greedy and against
-exhaustive enumeration, nucleus sampling, the logits processors, retrieval recall, and
-captions that never hold broken UTF-8."""
+exhaustive enumeration, nucleus sampling, the logits processors, the decoding machinery (the
+preallocated cache, deferred looks for finished rows, static decoding, grouped
+cross-attention), retrieval recall, and captions that never hold broken UTF-8."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+import fastcap.generate as generate_mod
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.generate import (
     apply_repetition_penalty,
@@ -23,6 +25,9 @@ from fastcap.generate import (
     top_k_top_p_filter,
 )
 from fastcap.model import Captioner, ModelConfig
+from fastcap.model.config import MoEConfig
+from fastcap.model.layers import Attention, KVCache
+from fastcap.ops.ref.rope import apply_rope, rope_range
 from fastcap.train.evaluate import retrieval_recall
 
 PAD, BOS, EOS = 0, 1, 2
@@ -365,6 +370,184 @@ def test_decodes_in_the_model_dtype():
     b = beam(m, x, num_beams=2, max_new_tokens=6)
     assert g.tokens.shape[0] == 3 and b.tokens.shape[0] == 3
     assert torch.isfinite(g.scores).all() and torch.isfinite(b.scores).all()
+
+
+# ---------------------------------------------------------------------- the decoding machinery
+def ragged(strategy: str, **kw):
+    """Model, images and the default decoding of a batch whose rows (greedy) or images (beam)
+    end at different steps, at least one running to max_new_tokens=12 (deterministic search;
+    a random captioner barely looks at the image, so the images are scaled up)."""
+    fn = {"greedy": greedy, "beam": beam}[strategy]
+    if strategy == "beam":
+        kw = {"num_beams": 3, **kw}
+    for boost, seed in itertools.product((2.5, 3.0, 2.0), range(12)):
+        m = tiny_model(vocab=23, seed=seed, eos_boost=boost)
+        x = images(8, seed + 50) * 3
+        g = fn(m, x, max_new_tokens=12, **kw)
+        if bool((g.lens == 12).any()) and bool((g.lens < 12).any()):
+            return m, x, fn, kw, g
+    raise AssertionError("no seed gave rows that end at different steps")
+
+
+def same_decoding(a, b):
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lens, b.lens)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("every", [2, 5])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_looking_for_finished_rows_every_k_steps_keeps_the_result(monkeypatch, strategy, every):
+    """Between looks (each a host read; every step on a CPU, every 8 on a GPU) finished rows
+    stay in the batch, masked: the tokens, lengths and scores must not change."""
+    m, x, fn, kw, want = ragged(strategy)
+    monkeypatch.setattr(generate_mod, "FINISH_CHECK_EVERY", {"cpu": every})
+    same_decoding(fn(m, x, max_new_tokens=12, **kw), want)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_the_step_loop_reads_the_host_only_at_looks(monkeypatch, strategy, every):
+    """No .item() / bool() / int() / .tolist() of a tensor inside a step: only one look every
+    ``every`` steps, plus the final length."""
+    m, x, fn, kw, _ = ragged(strategy)
+    monkeypatch.setattr(generate_mod, "FINISH_CHECK_EVERY", {"cpu": every})
+    reads = []
+    for name in ("__bool__", "__int__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, *a, _r=real, _n=name: (reads.append(_n), _r(t, *a))[1]
+        )
+    T = 12
+    fn(m, x, max_new_tokens=T, **kw)
+    assert 1 <= len(reads) <= (T - 1) // every + 1, reads
+
+
+@pytest.mark.parametrize(
+    "strategy,kw",
+    [
+        ("greedy", {}),
+        ("greedy", {"min_new_tokens": 2}),
+        ("beam", {}),
+        ("beam", {"early_stopping": False, "num_return_sequences": 2}),
+        ("beam", {"length_penalty": 0.0, "min_new_tokens": 3}),
+    ],
+)
+def test_static_decoding_gives_the_same_captions(strategy, kw):
+    """static=True (full-length cache with a length mask, position on the device, finished
+    rows masked: the CUDA-graph form) against the default decoding."""
+    m, x, fn, kw, want = ragged(strategy, **kw)
+    same_decoding(fn(m, x, max_new_tokens=12, static=True, **kw), want)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"output_logits": True}]
+)
+def test_static_decoding_rejects_history_processors(kw):
+    m = tiny_model(vocab=11, seed=0)
+    with pytest.raises(ValueError, match="static=True"):
+        greedy(m, images(2, 0), max_new_tokens=4, static=True, **kw)
+
+
+def test_static_decoding_rejects_moe():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        image_size=32, width=64, heads=4, encoder_layers=1, unimodal_layers=1,
+        multimodal_layers=1, vocab_size=11, max_len=8, embed_dim=32,
+        moe=MoEConfig(enabled=True, num_experts=4, top_k=2, expert_hidden=16, first_dense=False),
+    )  # fmt: skip
+    m = Captioner(cfg).eval()
+    with pytest.raises(ValueError, match="MoE"):
+        greedy(m, images(2, 0), max_new_tokens=4, static=True)
+    greedy(m, images(2, 0), max_new_tokens=4)  # the dynamic cache decodes MoE
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_is_preallocated_and_written_in_place(static):
+    """Feeding T tokens one at a time leaves in the cache exactly the keys (rotated) and values
+    of the whole sequence, in buffers allocated once."""
+    m = tiny_model(vocab=23, seed=5)
+    B, T = 3, 7
+    tokens = torch.randint(3, 23, (B, T), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        kv = m.image_kv(m.encode_image(images(B, 5))[0])
+        cache = m.decoder.new_cache(T, "cpu", static=static)
+        ptrs = set()
+        for t in range(T):
+            h, _, _ = m.decode(tokens[:, t : t + 1], None, kv, cache)
+            ptrs |= {c.k.data_ptr() for c in cache} | {c.v.data_ptr() for c in cache}
+            if static:
+                cache[0].pos += 1
+        assert len(ptrs) == 2 * len(cache)  # never reallocated
+        full, _, _ = m.decode(tokens, torch.full((B,), T), kv)
+        torch.testing.assert_close(h[:, 0], full[:, -1], atol=2e-5, rtol=1e-5)
+        layer = m.decoder.layers[0]
+        k, v = layer.self_attn.project_kv(layer.norm1(m.decoder.embed(tokens)))
+        cos, sin = rope_range(0, T, k.shape[-1], layer.rope_theta, "cpu")
+        torch.testing.assert_close(cache[0].k[:, :, :T], apply_rope(k, cos, sin), atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache[0].v[:, :, :T], v, atol=1e-6, rtol=0)
+        if not static:  # static: the position is the caller's (on the device)
+            with pytest.raises(ValueError, match="KVCache"):
+                m.decode(tokens[:, :1], None, kv, cache)  # full
+        with pytest.raises(ValueError, match="KVCache"):
+            m.decode(tokens[:2, :1], None, kv, cache)  # rows that are not the cache's
+        with pytest.raises(ValueError, match="kv_lens"):
+            m.decode(tokens[:, :1], torch.full((B,), 1), kv, m.decoder.new_cache(T, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Dh", [8, 24])
+def test_cache_rotation_is_bit_identical_to_apply_rope(dtype, Dh):
+    x = torch.randn(3, 5, 2, Dh).to(dtype)
+    for start in (0, 7, 29):
+        cache = KVCache(31, "cpu")
+        cache.len = start
+        cos, sin = rope_range(start, start + 2, Dh, 500.0, "cpu")
+        assert torch.equal(cache.rotate(x, 500.0), apply_rope(x, cos, sin))
+        static = KVCache(31, "cpu", pos=torch.tensor([start]))
+        one = x[:, :, :1]
+        assert torch.equal(static.rotate(one, 500.0), apply_rope(one, cos[:1], sin[:1]))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_select_rows_reorders_in_place(static):
+    cache = KVCache(6, "cpu", pos=torch.tensor([0]) if static else None)
+    for _ in range(3):
+        k = torch.randn(5, 2, 1, 4)
+        cache.append(k, -k)
+        if static:
+            cache.pos += 1
+    before = cache.k[:, :, :3].clone()
+    ptrs = set()
+    for idx in (torch.tensor([4, 4, 0, 2, 1]), torch.tensor([1, 0, 3, 2, 4])):
+        cache.select_rows(idx)
+        before = before[idx]
+        assert torch.equal(cache.k[:, :, :3], before) and torch.equal(cache.v[:, :, :3], -before)
+        ptrs.add(cache.k.data_ptr())
+    assert len(ptrs) == (1 if static else 2)  # static: the same memory; else two swapping
+    if not static:
+        cache.select_rows(torch.tensor([3, 1]))  # rows that leave
+        assert cache.k.shape[0] == 2 and torch.equal(cache.k[:, :, :3], before[[3, 1]])
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_grouped_cross_attention_equals_repeated_keys(L):
+    """Beam search keeps one row of image keys per image: attending with it must equal
+    attending with the keys repeated once per beam (the training forward's layout)."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, cross=True)
+    Bk, g, N = 3, 5, 7
+    x = torch.randn(Bk * g, L, 32)
+    k, v = attn.project_kv(torch.randn(Bk, N, 32))
+    rep = (k.repeat_interleave(g, 0), v.repeat_interleave(g, 0))
+    with torch.no_grad():
+        want = attn(x, kv=rep)
+        torch.testing.assert_close(attn(x, kv=(k, v)), want, atol=1e-6, rtol=1e-5)
+        cache = KVCache(4, "cpu")
+        torch.testing.assert_close(
+            attn.decode_cross(x, (k, v), cache.attend), want, atol=1e-6, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="group"):
+        attn(x[:4], kv=(k, v))
 
 
 # ---------------------------------------------------------------------- retrieval

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fastcap.model.config import ModelConfig
-from fastcap.model.layers import Attention, RMSNorm, SwiGLU
+from fastcap.model.layers import Attention, KVCache, RMSNorm, SwiGLU
 from fastcap.model.moe import MoE
 
 
@@ -35,13 +35,10 @@ class DecoderLayer(nn.Module):
         kv_lens: Tensor,
         valid: Tensor,
         img_kv: tuple[Tensor, Tensor] | None,
-        cache: dict | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x (B, L, d); ``valid`` (B, L) bool marks real tokens. Returns (x, aux loss)."""
         h = self.norm1(x)
-        x = x + self.self_attn(
-            h, causal=True, kv_lens=kv_lens, rope_theta=self.rope_theta, cache=cache
-        )
+        x = x + self.self_attn(h, causal=True, kv_lens=kv_lens, rope_theta=self.rope_theta)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_c(x), kv=img_kv)
         h = self.norm2(x)
@@ -52,6 +49,23 @@ class DecoderLayer(nn.Module):
             out[valid] = y
             return x + out, aux
         return x + self.ffn(h), x.new_zeros((), dtype=torch.float32)
+
+    def step(self, x: Tensor, img_kv: tuple[Tensor, Tensor] | None, cache: KVCache) -> Tensor:
+        """One decoding step: the new positions x (B, L, d) against ``cache`` -> (B, L, d).
+
+        :meth:`forward`'s arithmetic, op for op, for rows that hold every position (no padding
+        mask, no aux loss), calling the submodules' ``forward`` and weights directly: a decoding
+        copy runs no hooks, and the module calls measured a twentieth of a CPU step.
+        """
+        h = self.norm1.forward(x)
+        x = x + self.self_attn.decode_self(h, cache, self.rope_theta)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn.decode_cross(self.norm_c.forward(x), img_kv, cache.attend)
+        h = self.norm2.forward(x)
+        if isinstance(self.ffn, MoE):
+            y, _ = self.ffn(h.reshape(-1, h.shape[-1]))
+            return x + y.view_as(h)
+        return x + self.ffn.decode(h)
 
 
 class TextDecoder(nn.Module):
@@ -83,16 +97,23 @@ class TextDecoder(nn.Module):
         tokens: Tensor,
         kv_lens: Tensor,
         img_kv: list[tuple[Tensor, Tensor]],
-        cache: list[dict] | None = None,
+        cache: list[KVCache] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """tokens (B, L) -> (final hidden (B, L, d) normed, unimodal hidden (B, L, d), aux).
 
-        ``kv_lens`` (B,) counts real keys (with a cache: real keys so far, new ones included).
-        With ``cache`` (one dict per layer), ``tokens`` are only the new positions.
+        ``kv_lens`` (B,) counts real keys. ``img_kv`` may hold one row per group of rows (see
+        ``Attention.forward``). With ``cache`` (one :class:`KVCache` per layer, from
+        :meth:`new_cache`), ``tokens`` are only the new positions, every row holds every
+        position (``kv_lens`` must be None), and the aux loss is 0.
         """
+        if cache is not None:
+            if kv_lens is not None:
+                raise ValueError(
+                    "decoding with a cache: every row holds every position, no kv_lens"
+                )
+            return self._step(tokens, img_kv, cache)
         B, L = tokens.shape
-        offset = 0 if cache is None or "k" not in cache[0] else cache[0]["k"].shape[2]
-        pos = torch.arange(offset, offset + L, device=tokens.device)
+        pos = torch.arange(L, device=tokens.device)
         valid = pos[None, :] < kv_lens[:, None]  # (B, L)
         x = self.embed(tokens)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -106,12 +127,37 @@ class TextDecoder(nn.Module):
                 kv_lens=kv_lens,
                 valid=valid,
                 img_kv=kv,
-                cache=None if cache is None else cache[i],
             )
             aux = aux + a
             if i == n_uni - 1:
                 uni = x
         return self.norm(x), uni, aux
+
+    def _step(self, tokens: Tensor, img_kv, cache: list[KVCache]) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.embed(tokens)
+        uni = x
+        kv_iter = iter(img_kv)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, next(kv_iter) if layer.cross_attn is not None else None, cache[i])
+            if i == self.cfg.unimodal_layers - 1:
+                uni = x
+        return self.norm(x), uni, x.new_zeros((), dtype=torch.float32)
+
+    def new_cache(
+        self, capacity: int, device: torch.device | str, static: bool = False
+    ) -> list[KVCache]:
+        """An empty self-attention cache per layer for up to ``capacity`` tokens on ``device``.
+
+        ``static``: the layers share one device position (``cache[0].pos``, starting at 0) that
+        the caller advances after each step (see :class:`KVCache`); not with MoE layers, whose
+        routing has data-dependent shapes.
+        """
+        pos = None
+        if static:
+            if any(isinstance(layer.ffn, MoE) for layer in self.layers):
+                raise ValueError("static decoding needs dense layers: MoE routing changes shapes")
+            pos = torch.zeros(1, dtype=torch.long, device=device)
+        return [KVCache(capacity, device, pos) for _ in self.layers]
 
     def unimodal(self, tokens: Tensor, lens: Tensor) -> Tensor:
         """The unimodal layers alone over full sequences (B, L) -> (B, L, d): the text tower."""
