@@ -22,8 +22,10 @@ the log-sum-exp per query row; the backward recomputes the probabilities from it
   following PyTorch's own matmul rule.
 
 Head dims up to 256 are supported (any size; not-power-of-two dims are padded in registers).
-Block sizes are autotuned per (head dim, causal, RoPE, length bucket); under
-``TRITON_INTERPRET=1`` a fixed 16 x 16 config is used so CPU tests exercise multi-block loops.
+Block sizes are autotuned per (head dim, causal, RoPE, length bucket) among the tiles that
+compile without register spills for the device's architecture (sm_80 or sm_90, checked by
+tests/gpu_compile.py); under ``TRITON_INTERPRET=1`` a fixed 16 x 16 config is used so CPU tests
+exercise multi-block loops.
 """
 
 from __future__ import annotations
@@ -456,64 +458,92 @@ def _bwd_dq_kernel(
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim the tile is for). Small BLOCK_M
-# serves decoding (Lq = 1) and short captions; 128-row tiles serve long sequences. The head-dim
-# limits come from compiling for sm_90 (Triton 3.8) and reading register use and spills with
-# cuobjdump: tiles past their limit spill. Timing them needs a GPU; that tuning is still open.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim on sm_80, on sm_90). Small
+# BLOCK_M serves decoding (Lq = 1) and short captions; 128-row tiles serve long sequences. The
+# head-dim limits come from tests/gpu_compile.py: Triton 3.8's cubin for each architecture, read
+# with cuobjdump, has no stack frame and no local memory at head dims up to the limit (checked
+# at 64, 128 and 256, the top of each range: the register tiles are padded to powers of two).
+# A 0 limit drops the tile on that architecture; the trailing comments give the stack frame
+# (fp16) that lowered a limit. Timing them needs a GPU; that tuning is still open.
 _FWD_SHAPES = [
-    (16, 64, 4, 2, 256),
-    (32, 32, 4, 2, 256),
-    (32, 64, 4, 3, 64),
-    (64, 64, 4, 3, 64),
-    (128, 32, 8, 3, 256),
-    (128, 64, 8, 3, 128),
-    (128, 128, 8, 3, 64),
+    (16, 64, 4, 2, 256, 256),
+    (32, 32, 4, 2, 256, 256),
+    (32, 64, 4, 3, 64, 64),
+    (64, 64, 4, 3, 64, 64),
+    (128, 32, 8, 3, 128, 256),  # sm_80, D 256: 152 B of stack and 200 KiB of shared memory
+    (128, 64, 8, 3, 64, 128),  # sm_80, D 128: 480 B of stack
+    (128, 128, 8, 3, 0, 64),  # sm_80, D 64: 384 B of stack
 ]
 # dk/dv: one program per key block (BLOCK_N) streams query blocks (BLOCK_M), so BLOCK_M is small.
+# It holds three fp32 accumulators (dk1, dk2, dv) and k, v beside the recomputed scores, so it is
+# the kernel that runs out of registers first; sm_80 (mma.sync, operands in registers) sooner.
 _DKDV_SHAPES = [
-    (16, 32, 4, 2, 256),
-    (16, 64, 4, 2, 64),
-    (32, 64, 4, 2, 64),
-    (16, 128, 8, 2, 64),
-    (32, 128, 8, 2, 64),
-    (16, 64, 8, 2, 128),
-    (32, 64, 8, 2, 128),
+    (16, 32, 4, 2, 128, 128),  # D 256: 328 B of stack on sm_80, 344 B on sm_90
+    (16, 64, 4, 2, 64, 64),
+    (32, 64, 4, 2, 0, 64),  # sm_80, D 64: 112 B
+    (16, 128, 8, 2, 64, 64),
+    (32, 128, 8, 2, 0, 64),  # sm_80, D 64: 96 B
+    (16, 64, 8, 2, 64, 128),  # sm_80, D 128: 328 B
+    (32, 64, 8, 2, 0, 128),  # sm_80: 16 B at D 64, 4,824 B at D 128 (ptxas fell to 32 registers)
+    (32, 32, 8, 2, 128, 128),  # replaces 32 x 64 at D 128 on sm_80: 227 registers
+    (16, 16, 8, 2, 256, 256),  # the D 256 tile on both: 241 registers
 ]
 # dq: one program per query block (BLOCK_M) streams key blocks (BLOCK_N), so BLOCK_N is small.
 _DQ_SHAPES = [
-    (16, 32, 4, 2, 256),
-    (32, 16, 4, 2, 256),
-    (64, 16, 4, 2, 64),
-    (64, 32, 4, 2, 64),
-    (64, 16, 8, 2, 128),
-    (128, 16, 8, 2, 128),
-    (128, 32, 8, 2, 64),
+    (16, 32, 4, 2, 128, 256),  # sm_80, D 256: 32 B
+    (32, 16, 4, 2, 128, 128),  # D 256: 144 B on both
+    (64, 16, 4, 2, 64, 64),
+    (64, 32, 4, 2, 64, 64),
+    (64, 16, 8, 2, 64, 128),  # sm_80, D 128: 104 B
+    (128, 16, 8, 2, 64, 128),  # sm_80, D 128: 232 B
+    (128, 32, 8, 2, 64, 64),
+    (16, 16, 4, 2, 256, 256),  # the D 256 tile on sm_80: 251 registers
 ]
 _INTERPRET_BLOCKS = (16, 16)  # fixed under TRITON_INTERPRET=1: forces multi-block loops on CPU
+_CHECKED_HEAD_DIMS = (64, 128, 256)  # compiled by tests/gpu_compile.py: the top of each range
+
+
+def _arch(device: torch.device) -> int:
+    """The checked architecture whose tile limits apply on this device: 90 from Hopper on, else
+    80 (Ampere and Ada compile to the same kind of code; their smaller shared memory only makes
+    the autotuner skip a tile that does not fit)."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def _configs(shapes):
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s, _ in shapes
+        for m, n, w, s, *_ in shapes
     ]
 
 
+def _tiles(shapes, arch: int, head_dim: int, lq_bucket: int, lk_bucket: int) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages) the autotuner may time: within the tile's head-dim limit
+    on this architecture, and not far longer than the sequence (else the smallest that fits)."""
+    col = {80: 4, 90: 5}[arch]
+    fits = [t[:4] for t in shapes if head_dim <= t[col]]
+    if not fits:
+        raise ValueError(f"no attention tile for head dim {head_dim} on sm_{arch}")
+    kept = [t for t in fits if t[0] <= max(16, lq_bucket) and t[1] <= max(16, lk_bucket)]
+    return kept or [min(fits, key=lambda t: t[0] * t[1])]
+
+
+def _reachable(shapes, arch: int, head_dim: int) -> list[tuple]:
+    """Every tile :func:`_tiles` keeps for some pair of length buckets."""
+    buckets = [2**i for i in range(14)]  # _bucket's range, 1 .. 8192
+    seen = {t for lq in buckets for lk in buckets for t in _tiles(shapes, arch, head_dim, lq, lk)}
+    return [t[:4] for t in shapes if t[:4] in seen]
+
+
 def _pruner(shapes):
-    """Early pruning: drop tiles far longer than the sequence or past their head-dim limit."""
-    max_d = {(m, n, w, s): d for m, n, w, s, d in shapes}
+    """Early pruning by (architecture of Q's device, head dim, length buckets)."""
 
     def prune(configs, named_args, **kwargs):
-        lq, lk = named_args["lq_bucket"], named_args["lk_bucket"]
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        keep = _tiles(shapes, _arch(named_args["Q"].device), d, named_args["lq_bucket"],
+                      named_args["lk_bucket"])  # fmt: skip
         key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        fits = [c for c in configs if d <= max_d[key(c)]] or configs
-        kept = [
-            c
-            for c in fits
-            if c.kwargs["BLOCK_M"] <= max(16, lq) and c.kwargs["BLOCK_N"] <= max(16, lk)
-        ]
-        return kept or [min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return [c for c in configs if key(c) in keep]
 
     return prune
 
@@ -735,3 +765,45 @@ def attention(
         (B, H, Lq, D) in q's dtype; rows that see no key are 0, and their gradients are 0.
     """
     return _Attention.apply(q, k, v, causal, kv_lens, rope_theta, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-only check (tests/gpu_compile.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def compile_targets(arch: int, dtype: torch.dtype):
+    """Every (kernel, tile) the launchers may run on sm_``arch`` in ``dtype``, as the calls they
+    make (tensors on the meta device): what tests/gpu_compile.py compiles and checks.
+
+    The variant is the one with the most code (causal, kv_lens and RoPE), at head dims 64, 128
+    and 256, the top of each tile-limit range, with a length that is no multiple of 16, as a
+    ragged caption batch gives."""
+    B, H, L = 2, 4, 200
+    for D in _CHECKED_HEAD_DIMS:
+        q = torch.empty(B, H, L, D, dtype=dtype, device="meta")
+        lse = torch.empty(B, H, L, dtype=torch.float32, device="meta")
+        lens = torch.empty(B, dtype=torch.int32, device="meta")
+        args, meta = _launch_args(q, q, q, True, lens, 10000.0, None)
+        calls = {
+            "fwd": (_fwd_kernel, _FWD_SHAPES, (q, q, q, q, lse)),
+            "dkdv": (_bwd_dkdv_kernel, _DKDV_SHAPES, (q, q, q, q, lse, lse, q, q)),
+            "dq": (_bwd_dq_kernel, _DQ_SHAPES, (q, q, q, q, lse, lse, q)),
+        }
+        for name, (kernel, shapes, tensors) in calls.items():
+            for m, n, w, s in _reachable(shapes, arch, D):
+                yield {
+                    "name": f"attention.{name}",
+                    "config": f"D{D} {m}x{n} w{w} s{s}",
+                    "kernel": kernel,
+                    "args": (*tensors, *args),
+                    "kwargs": {**meta, "BLOCK_M": m, "BLOCK_N": n, "num_warps": w,
+                               "num_stages": s},
+                }  # fmt: skip
+        yield {
+            "name": "attention.bwd_delta",
+            "config": f"D{D} 64 rows",
+            "kernel": _bwd_delta_kernel,
+            "args": (q, q, lse, B * H * L),
+            "kwargs": {"HEAD_DIM": D, "BLOCK_M": 64, "BLOCK_D": meta["BLOCK_D"]},
+        }

@@ -21,7 +21,9 @@ Backward (dout = dL/dout):
 
 Memory kept for backward: A (S, f) and H (S, 2f) in x's dtype, the alignment, and the inputs
 themselves (the Parameters, as ZeRO-3 needs). BLOCK_M follows the mean rows per expert (16/32/64);
-BLOCK_N/BLOCK_K are autotuned on a GPU. None of these choices has been timed on a GPU yet.
+BLOCK_N/BLOCK_K are autotuned on a GPU, among tiles that compile without register spills for
+sm_80 and sm_90 (tests/gpu_compile.py): one space when every size and stride is a multiple of
+16, a register-lighter one otherwise. None of these choices has been timed on a GPU yet.
 
 ``moe_ffn`` aligns with PyTorch (:func:`~fastcap.common.moe_align.moe_align_torch`);
 ``moe_ffn_cuda`` with the compiled extension ``fastcap_C``, built on first access of the name (a
@@ -43,20 +45,72 @@ from fastcap.common.moe_align import load_extension, moe_align
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_N, BLOCK_K, warps, stages) tuning space; one small config in the interpreter."""
+# Tuning spaces, (BLOCK_N, BLOCK_K, warps, stages), two per kernel. When every size and stride
+# is a multiple of 16 (or 1), Triton vectorises the loads and streams the tiles through shared
+# memory with asynchronous copies: the ALIGNED space. Otherwise each element is loaded on its
+# own, with its own 64-bit address, and the next tiles wait in registers; the tiles of the
+# aligned space then spill (up to 3,344 bytes of stack, gate-up at 64 x 64 x 64 on sm_80), so
+# such shapes get the UNALIGNED space: tiles that fit there. tests/gpu_compile.py compiles both
+# for sm_80 and sm_90 (compile_targets) and finds no spill; none has been timed on a GPU.
+_GATE_UP_SPACE = {
+    "aligned": [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
+    # Two fp32 accumulators (gate and up) per tile: 8 warps hold the 64 x 64 tile, or 4 warps a
+    # 64 x 32 one.
+    "unaligned": [(64, 32, 8, 4), (32, 32, 4, 3)],
+}
+_DOWN_SPACE = {  # slots_to_pairs: the forward down projection and the backward dx
+    "aligned": [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
+    "unaligned": [(64, 32, 4, 4), (128, 64, 8, 3)],
+}
+# The down-projection backward holds A, g and u (BLOCK_M x BLOCK_N each, in fp32) beside its
+# accumulator for the SwiGLU backward: the 64 x 128 tile at K 32 on 4 warps spilled 168-440 bytes
+# on sm_80 and sm_90 even aligned, so it runs on 8 warps (184 registers); same tile, same bytes
+# per FLOP.
+_DOWN_BWD_SPACE = {
+    "aligned": [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 8, 4), (128, 64, 8, 3)],
+    "unaligned": [(64, 32, 8, 4)],
+}
+# The weight gradients, (BLOCK_P, BLOCK_Q, warps, stages): one accumulator, clean either way.
+_WGRAD_SPACE = {
+    "aligned": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+    "unaligned": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+}
+_INTERPRET_CONFIG = (32, 32, 4, 1)  # one small config in the interpreter
+_CHECKED_TOKENS = 2047  # compile_targets: BLOCK_M 64, and T * k no multiple of 16
+
+
+def _aligned(named_args: dict) -> bool:
+    """Whether Triton sees every size and stride of the launch as 1 or a multiple of 16 (the
+    pair count excepted: it only bounds the rows)."""
+    return all(
+        v == 1 or v % 16 == 0
+        for k, v in named_args.items()
+        if k in ("K", "N", "PD", "QD") or k.startswith("stride")
+    )
+
+
+def _tuning(space: dict, names: tuple[str, str], key: list[str], **kw) -> dict:
+    """triton.autotune arguments: both spaces' configs, pruned to the one the launch is in."""
     if _INTERPRET:
-        pairs = [(32, 32, 4, 1)]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": kk}, num_warps=w, num_stages=s)
-        for n, kk, w, s in pairs
+        p, q, w, s = _INTERPRET_CONFIG
+        configs = [triton.Config({names[0]: p, names[1]: q}, num_warps=w, num_stages=s)]
+        return {"configs": configs, "key": key, **kw}
+    tiles = list(dict.fromkeys(space["aligned"] + space["unaligned"]))
+    configs = [
+        triton.Config({names[0]: p, names[1]: q}, num_warps=w, num_stages=s) for p, q, w, s in tiles
     ]
 
+    def prune(configs, named_args, **kwargs):
+        keep = space["aligned" if _aligned(named_args) else "unaligned"]
+        return [c for c in configs if (*c.kwargs.values(), c.num_warps, c.num_stages) in keep]
 
-_GEMM_SPACE = [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)]
+    return {"configs": configs, "key": key, "prune_configs_by": {"early_config_prune": prune}, **kw}
 
 
-@triton.autotune(configs=_configs(_GEMM_SPACE), key=["K", "N", "BLOCK_M"])
+_NK = ("BLOCK_N", "BLOCK_K")
+
+
+@triton.autotune(**_tuning(_GATE_UP_SPACE, _NK, ["K", "N", "BLOCK_M"]))
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # (T, K) tokens, gathered by row
@@ -124,7 +178,7 @@ def _gate_up_kernel(
         tl.store(h_ptrs + N, acc_u.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_GEMM_SPACE), key=["K", "N", "BLOCK_M"])
+@triton.autotune(**_tuning(_DOWN_SPACE, _NK, ["K", "N", "BLOCK_M"]))
 @triton.jit
 def _slots_to_pairs_kernel(
     in_ptr,  # (S, K) slot rows: A (forward down) or dH (backward dx)
@@ -178,7 +232,7 @@ def _slots_to_pairs_kernel(
 
 
 # dw partials are laid out by BLOCK_N: zero them between the configs the autotuner tries.
-@triton.autotune(configs=_configs(_GEMM_SPACE), key=["K", "N", "BLOCK_M"], reset_to_zero=["dw_ptr"])
+@triton.autotune(**_tuning(_DOWN_BWD_SPACE, _NK, ["K", "N", "BLOCK_M"], reset_to_zero=["dw_ptr"]))
 @triton.jit
 def _down_bwd_kernel(
     dout_ptr,  # (T, K) upstream gradient, gathered by row
@@ -251,19 +305,7 @@ def _down_bwd_kernel(
     tl.store(dh_ptrs + N, du.to(dh_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
-_WGRAD_SPACE = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-
-
-def _wgrad_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_P": p, "BLOCK_Q": q}, num_warps=w, num_stages=s)
-        for p, q, w, s in _WGRAD_SPACE
-    ]
-
-
-@triton.autotune(configs=_wgrad_configs(), key=["PD", "QD", "BLOCK_M"])
+@triton.autotune(**_tuning(_WGRAD_SPACE, ("BLOCK_P", "BLOCK_Q"), ["PD", "QD", "BLOCK_M"]))
 @triton.jit
 def _expert_wgrad_kernel(
     lhs_ptr,  # (T, PD) gathered by token if LHS_GATHER (x), else (S, PD) slot rows (A)
@@ -362,7 +404,12 @@ def _expert_blocks(topk_ids: Tensor, num_experts: int, block_m: int) -> Tensor:
     return torch.cat([nb.new_zeros(1), torch.cumsum(nb, 0)]).to(torch.int32)
 
 
-def _forward(x, w13, w2, topk_ids, topk_weights, align_impl: str, save: bool):
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+def _forward(x, w13, w2, topk_ids, topk_weights, align_impl: str, save: bool, launch=_launch):
+    """``launch(kernel, grid, *args, **kwargs)`` runs each kernel; compile_targets records."""
     T, d = x.shape
     E, _, f2 = w13.shape
     f = f2 // 2
@@ -375,7 +422,8 @@ def _forward(x, w13, w2, topk_ids, topk_weights, align_impl: str, save: bool):
     prec = _prec(x.dtype)
     a = x.new_empty(S, f)
     h = x.new_empty(S, f2) if save else a  # unused placeholder when not saving
-    _gate_up_kernel[_grid_rows(nblk, f)](
+    launch(
+        _gate_up_kernel, _grid_rows(nblk, f),
         x, w13, sorted_ids, expert_ids, a, h, P, d, f,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         a.stride(0), h.stride(0),
@@ -383,7 +431,8 @@ def _forward(x, w13, w2, topk_ids, topk_weights, align_impl: str, save: bool):
     )  # fmt: skip
     y = x.new_empty(P, d)
     tw = topk_weights.reshape(-1)
-    _slots_to_pairs_kernel[_grid_rows(nblk, d)](
+    launch(
+        _slots_to_pairs_kernel, _grid_rows(nblk, d),
         a, w2, tw, sorted_ids, expert_ids, y, P, f, d,
         a.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
         HAS_SCALE=True, PREC=prec, BLOCK_M=bm,
@@ -392,7 +441,7 @@ def _forward(x, w13, w2, topk_ids, topk_weights, align_impl: str, save: bool):
     return out, (sorted_ids, expert_ids, bm, a, h)
 
 
-def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs):
+def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs, launch=_launch):
     sorted_ids, expert_ids, bm, a, h = saved
     T, d = x.shape
     E, _, f2 = w13.shape
@@ -410,7 +459,8 @@ def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs):
     min_bn = min(c.kwargs["BLOCK_N"] for c in _down_bwd_kernel.configs)
     rows = triton.cdiv(f, min_bn) if need_tw else 1
     dw_part = torch.zeros(rows, P if need_tw else 1, dtype=torch.float32, device=x.device)
-    _down_bwd_kernel[_grid_rows(nblk, f)](
+    launch(
+        _down_bwd_kernel, _grid_rows(nblk, f),
         dout, w2, a, h, tw, sorted_ids, expert_ids, dh, dw_part, P, d, f,
         dout.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
         a.stride(0), h.stride(0), dh.stride(0),
@@ -421,7 +471,8 @@ def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs):
         dtw = dw_part.sum(0).view(T, k).to(topk_weights.dtype)
     if need_x:
         dxp = x.new_empty(P, d)
-        _slots_to_pairs_kernel[_grid_rows(nblk, d)](
+        launch(
+            _slots_to_pairs_kernel, _grid_rows(nblk, d),
             dh, w13, tw, sorted_ids, expert_ids, dxp, P, f2, d,
             dh.stride(0), w13.stride(0), w13.stride(2), w13.stride(1), dxp.stride(0),
             HAS_SCALE=False, PREC=prec, BLOCK_M=bm,
@@ -432,16 +483,16 @@ def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs):
     if need_w13:
         dw13 = torch.empty_like(w13)
         grid = lambda m: (E, triton.cdiv(d, m["BLOCK_P"]) * triton.cdiv(f2, m["BLOCK_Q"]))
-        _expert_wgrad_kernel[grid](
-            x, dh, tw, sorted_ids, blk, dw13, P, d, f2,
+        launch(
+            _expert_wgrad_kernel, grid, x, dh, tw, sorted_ids, blk, dw13, P, d, f2,
             x.stride(0), dh.stride(0), dw13.stride(0), dw13.stride(1), dw13.stride(2),
             TOP_K=k, LHS_GATHER=True, RHS_GATHER=False, PREC=prec, BLOCK_M=bm,
         )  # fmt: skip
     if need_w2:
         dw2 = torch.empty_like(w2)
         grid = lambda m: (E, triton.cdiv(f, m["BLOCK_P"]) * triton.cdiv(d, m["BLOCK_Q"]))
-        _expert_wgrad_kernel[grid](
-            a, dout, tw, sorted_ids, blk, dw2, P, f, d,
+        launch(
+            _expert_wgrad_kernel, grid, a, dout, tw, sorted_ids, blk, dw2, P, f, d,
             a.stride(0), dout.stride(0), dw2.stride(0), dw2.stride(1), dw2.stride(2),
             TOP_K=k, LHS_GATHER=False, RHS_GATHER=True, PREC=prec, BLOCK_M=bm,
         )  # fmt: skip
@@ -515,3 +566,50 @@ def __getattr__(name: str):
         load_extension()
         return _moe_ffn_cuda
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- compile-only check
+
+
+def compile_targets(arch: int, dtype: torch.dtype):
+    """Every (kernel, config) the launchers may run on sm_``arch`` in ``dtype``, as the calls
+    they make (tensors on the meta device): what tests/gpu_compile.py compiles and checks.
+
+    Two shapes with every gradient needed: coco-base's MoE (d 768, f 512, 64 experts, top-6),
+    aligned, and d 761, f 517, where no size or stride is a multiple of 16 (the unaligned
+    space). 2,047 tokens make :func:`_block_m` pick its largest block, 64 rows."""
+    del arch  # the same spaces on every architecture
+    E, k, T = 64, 6, _CHECKED_TOKENS
+    calls = []
+    record = lambda kernel, grid, *args, **kwargs: calls.append((kernel, args, kwargs))
+    meta = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")
+    for d, f in ((768, 512), (761, 517)):
+        x, w13, w2 = meta(T, d), meta(E, d, 2 * f), meta(E, f, d)
+        ids, tw = meta(T, k, dt=torch.int64), meta(T, k, dt=torch.float32)
+        _, saved = _forward(x, w13, w2, ids, tw, "torch", True, launch=record)
+        _backward(x, x, w13, w2, ids, tw, saved, (True,) * 4, launch=record)
+    for kernel, args, kwargs in calls:
+        name = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+        role = _ROLES.get((name, kwargs.get("HAS_SCALE", kwargs.get("LHS_GATHER"))), "")
+        named = dict(zip(kernel.arg_names, args))
+        space = "aligned" if _aligned(named) else "unaligned"
+        for c in kernel.early_config_prune(kernel.configs, named):
+            tile = " ".join(f"{n[-1]}{v}" for n, v in c.kwargs.items())
+            yield {
+                "name": f"moe.{name}",
+                "config": f"BM{kwargs['BLOCK_M']} {tile} w{c.num_warps} s{c.num_stages} "
+                          f"{space} {role}".rstrip(),
+                "kernel": kernel,
+                "args": args,
+                "kwargs": {**kwargs, **c.kwargs, "num_warps": c.num_warps,
+                           "num_stages": c.num_stages},
+            }  # fmt: skip
+
+
+# What each launch of a shared kernel computes, for the table.
+_ROLES = {
+    ("slots_to_pairs", True): "(fwd down)",
+    ("slots_to_pairs", False): "(bwd dx)",
+    ("expert_wgrad", True): "(dw13)",
+    ("expert_wgrad", False): "(dw2)",
+}

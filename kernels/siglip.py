@@ -22,7 +22,8 @@ each program owns its output rows, so there are no atomics and the result is bit
 deterministic. The price is one extra recompute of the dot products (backward costs four
 B x B x d products instead of three). The scalar gradients are written as per-program partials
 and summed in a fixed order on the host. Extra memory: the gradients, O(B * d), plus O(B / BM)
-partials; nothing of size B x B is allocated.
+partials; nothing of size B x B is allocated. A width that is no multiple of 16 is zero-padded
+to one first, so that the kernels' loads vectorise (:func:`_pad_width`).
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ def _siglip_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+_CHECKED_WIDTHS = (128, 256, 512, 768, 1024)  # compile_targets
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs: three TF32 products (~fp32 accuracy on tensor cores). Plain TF32 would put
     # a 1e-3 relative error on the dot, i.e. 0.1 absolute on the logits at t = 100.
@@ -227,7 +231,12 @@ def _col_split(grid_m: int, n_blocks: int, device: torch.device) -> int:
     return max(1, min(want, n_blocks))
 
 
-def _siglip_fwd(img, txt, logit_scale, logit_bias, offset: int, denom: float) -> Tensor:
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+def _siglip_fwd(img, txt, logit_scale, logit_bias, offset: int, denom: float, launch=_launch):
+    """``launch(kernel, grid, *args, **kwargs)`` runs the kernel; compile_targets records."""
     M, D = img.shape
     N = txt.shape[0]
     cfg = _fwd_config(D, img.dtype)
@@ -236,7 +245,9 @@ def _siglip_fwd(img, txt, logit_scale, logit_bias, offset: int, denom: float) ->
     split = _col_split(grid_m, n_blocks, img.device)
     per = triton.cdiv(n_blocks, split)
     part = torch.empty(grid_m * split, dtype=torch.float32, device=img.device)
-    _siglip_fwd_kernel[(grid_m, split)](
+    launch(
+        _siglip_fwd_kernel,
+        (grid_m, split),
         img,
         txt,
         logit_scale,
@@ -254,7 +265,9 @@ def _siglip_fwd(img, txt, logit_scale, logit_bias, offset: int, denom: float) ->
     return part.sum() / denom
 
 
-def _siglip_bwd_pass(rows, cols, logit_scale, logit_bias, grad, offset, denom, partials):
+def _siglip_bwd_pass(
+    rows, cols, logit_scale, logit_bias, grad, offset, denom, partials, launch=_launch
+):
     M, D = rows.shape
     N = cols.shape[0]
     cfg = _bwd_config(D, rows.dtype)
@@ -262,7 +275,9 @@ def _siglip_bwd_pass(rows, cols, logit_scale, logit_bias, grad, offset, denom, p
     d_rows = torch.empty_like(rows)
     dt = torch.empty(grid_m if partials else 1, dtype=torch.float32, device=rows.device)
     db = torch.empty_like(dt)
-    _siglip_bwd_kernel[(grid_m,)](
+    launch(
+        _siglip_bwd_kernel,
+        (grid_m,),
         rows,
         cols,
         logit_scale,
@@ -288,6 +303,17 @@ def _siglip_bwd_pass(rows, cols, logit_scale, logit_bias, grad, offset, denom, p
 # --------------------------------------------------------------------------------------------
 
 
+def _pad_width(x: Tensor) -> Tensor:
+    """x (B, d), contiguous, its width zero-padded to a multiple of 16 (zeros change no dot
+    product). The kernels then see a row stride Triton knows to be a multiple of 16 and load in
+    16-byte vectors. At any other width each element is loaded on its own, with its own address:
+    there the backward's config spilled at every width (up to 1,408 bytes of stack on sm_90,
+    ``tests/gpu_compile.py --unaligned``), and no smaller tile tried fitted at every width. The
+    copy is O(B d), against the loss's O(B^2 d)."""
+    pad = -x.shape[1] % 16
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
+
+
 class _SigLIPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, logit_scale, logit_bias, offset: int, denom: float):
@@ -298,7 +324,8 @@ class _SigLIPFunction(torch.autograd.Function):
                 f"siglip_loss: all four inputs must share a device; got img {img.device}, txt "
                 f"{txt.device}, logit_scale {logit_scale.device}, logit_bias {logit_bias.device}"
             )
-        img, txt = img.contiguous(), txt.contiguous()
+        ctx.width = img.shape[1]
+        img, txt = _pad_width(img), _pad_width(txt)
         loss = _siglip_fwd(img, txt, logit_scale, logit_bias, offset, denom)
         # The Parameters themselves are saved (ZeRO-3 gathers them again for backward).
         ctx.save_for_backward(img, txt, logit_scale, logit_bias)
@@ -317,12 +344,13 @@ class _SigLIPFunction(torch.autograd.Function):
             )
             d_scale = dt.sum().to(logit_scale.dtype) if need_scale else None
             d_bias = db.sum().to(logit_bias.dtype) if need_bias else None
-            d_img = d_img if need_img else None
+            d_img = d_img[:, : ctx.width] if need_img else None
         if need_txt:
             # transposed problem: text j is positive with image j - offset
             d_txt, _, _ = _siglip_bwd_pass(
                 txt, img, logit_scale, logit_bias, grad, -ctx.offset, ctx.denom, partials=False
             )
+            d_txt = d_txt[:, : ctx.width]
         return d_img, d_txt, d_scale, d_bias, None, None
 
 
@@ -350,3 +378,36 @@ def siglip_loss_rect(
 def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
     """See :func:`fastcap.ops.siglip_loss`: img, txt (B, d); 0-d scale and bias; 0-d fp32 loss."""
     return _SigLIPFunction.apply(img, txt, logit_scale, logit_bias, 0, float(img.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Compile-only check (tests/gpu_compile.py)
+# --------------------------------------------------------------------------------------------
+
+
+def compile_targets(arch: int, dtype: torch.dtype):
+    """The kernels as the launchers call them on sm_``arch`` in ``dtype`` (tensors on the meta
+    device), at embedding widths 128 .. 1024: what tests/gpu_compile.py compiles and checks.
+    The launchers pick one config per (width, dtype), the same on every architecture; a width
+    that is no multiple of 16 reaches the kernels padded to one (:func:`_pad_width`)."""
+    B = 512
+    calls = []
+    record = lambda kernel, grid, *args, **kwargs: calls.append((kernel, args, kwargs))
+    scalar = torch.empty((), dtype=torch.float32, device="meta")
+    for D in _CHECKED_WIDTHS:
+        img = torch.empty(B, D, dtype=dtype, device="meta")
+        _siglip_fwd(img, img, scalar, scalar, 0, float(B), launch=record)
+        for partials in (True, False):
+            _siglip_bwd_pass(img, img, scalar, scalar, scalar, 0, B, partials, launch=record)
+    for kernel, args, kwargs in calls:
+        name = kernel.fn.__name__.removeprefix("_siglip_").removesuffix("_kernel")
+        cfg = " ".join(f"{k}{v}" for k, v in kwargs.items() if k.startswith("B"))
+        extra = f" partials={kwargs['PARTIALS']:d}" if "PARTIALS" in kwargs else ""
+        opts = f"w{kwargs['num_warps']} s{kwargs['num_stages']}"
+        yield {
+            "name": f"siglip.{name}",
+            "config": f"D{args[0].shape[1]} {cfg} {opts}{extra}",
+            "kernel": kernel,
+            "args": args,
+            "kwargs": kwargs,
+        }

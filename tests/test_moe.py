@@ -124,3 +124,18 @@ def test_public_op_dispatches_to_triton(monkeypatch):
     monkeypatch.setenv("FASTCAP_KERNELS", "moe=triton")
     assert ops.dispatch.resolve("moe", torch.device(DEVICE)) == "triton"
     compare(ops.moe_ffn, 29, 32, 16, 4, 2, "uniform", torch.float32)
+
+
+def test_tuning_space_follows_alignment(monkeypatch):
+    """On a GPU the autotuner times the aligned space when every size and stride is 1 or a
+    multiple of 16, else the unaligned one (tiles that fit in registers without vector loads);
+    tests/test_gpu_compile.py compiles both. The interpreter runs one small config."""
+    monkeypatch.setattr(kmoe, "_INTERPRET", False)
+    for space in (kmoe._GATE_UP_SPACE, kmoe._DOWN_SPACE, kmoe._DOWN_BWD_SPACE):
+        tuning = kmoe._tuning(space, kmoe._NK, ["K", "N", "BLOCK_M"])
+        prune = tuning["prune_configs_by"]["early_config_prune"]
+        key = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+        aligned = {"num_pairs": 12282, "K": 768, "N": 512, "stride_xt": 768, "stride_xk": 1}
+        unaligned = {**aligned, "K": 761, "stride_xt": 761}
+        assert [key(c) for c in prune(tuning["configs"], aligned)] == space["aligned"]
+        assert [key(c) for c in prune(tuning["configs"], unaligned)] == space["unaligned"]
