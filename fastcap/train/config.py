@@ -88,8 +88,10 @@ class TrainConfig:
     """Run folder: checkpoints, tokenizer, config, metrics.json."""
     seed: int = 0
     """Seed of every random generator."""
-    epochs: float = 5.0
-    """Training length in epochs over the training split (fractions allowed)."""
+    epochs: float = 6.0
+    """Training length in epochs over the training split (fractions allowed). shapes-tiny: 6
+    (5 gave 0.979 greedy test accuracy, short of 0.99; the one-rank engine and channels-last
+    trunk made the sixth epoch affordable inside make train's 12 minutes)."""
     max_steps: int = 0
     """If > 0, stop after this many optimiser steps regardless of epochs."""
     batch_size: int = 128
