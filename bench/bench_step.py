@@ -1,5 +1,7 @@
-"""One full training step of the captioner under DeepSpeed ZeRO-3 (world size 1): forward with
-every loss, backward, AdamW step; ``FASTCAP_KERNELS=ref`` against ``auto``.
+"""One full training step of the captioner under DeepSpeed (world size 1: the plain engine a
+world of one gets): forward with every loss, backward, AdamW step; ``FASTCAP_KERNELS=ref``
+against ``auto``. Below it, the one-rank engine overhead rows (bare PyTorch, ZeRO-3, the plain
+engine, the trainer's step) and the trunk's memory format and normalisation.
 
     pytest bench/bench_step.py --benchmark-only -q
 
@@ -27,7 +29,7 @@ import torch
 from conftest import DEVICE
 from flops import bf16_peak_tflops, model_flops_per_image
 
-pytest.importorskip("deepspeed", reason="bench_step measures the DeepSpeed ZeRO-3 step")
+pytest.importorskip("deepspeed", reason="bench_step measures DeepSpeed training steps")
 
 GPU = DEVICE == "cuda"
 B = 32 if GPU else 16
@@ -77,7 +79,7 @@ def test_train_step(measure, benchmark, monkeypatch, setup, kernels):
 
     flops = model_flops_per_image(mcfg, L) * B
     same = "" if GPU else " (CPU: auto = ref, the same code)"
-    group = f"train step ZeRO-3 {mcfg.trunk} {S}px B={B} L={L} {precision}{same}"
+    group = f"train step one-rank engine {mcfg.trunk} {S}px B={B} L={L} {precision}{same}"
     median = measure(step, make_inputs, group=group, impl=kernels, flops=flops,
                      n_sets=2, rounds=5)  # fmt: skip
     if median is None:

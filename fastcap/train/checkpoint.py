@@ -2,9 +2,10 @@
 and what ``--resume`` may trust.
 
 A checkpoint is written as ``checkpoints/stepN.tmp/`` by every rank, completed by rank 0 with
-``meta.json`` (step, parameter shapes), and only then renamed to ``checkpoints/stepN/``. A
-directory named ``stepN`` is therefore always complete: a crash at any point (SIGKILL, a full
-disk) leaves the previous checkpoints untouched, and resume picks the newest complete one.
+``meta.json`` (step, world size, ZeRO stage, parameter shapes), and only then renamed to
+``checkpoints/stepN/``. A directory named ``stepN`` is therefore always complete: a crash at any
+point (SIGKILL, a full disk) leaves the previous checkpoints untouched, and resume picks the
+newest complete one.
 ``latest`` names it too, for people and for DeepSpeed's own tools.
 """
 

@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-3 set-up: distributed init, the DeepSpeed JSON built from the config in one
-function, the engine, and reading full weights back out of the partitions.
+"""DeepSpeed set-up: distributed init, the ZeRO stage (3 with more than one rank, the plain
+engine with one), the DeepSpeed JSON built from the config in one function, the engine, and
+reading full weights back out of the partitions.
 
 This is the only module that touches DeepSpeed's API; the model never imports it.
 """

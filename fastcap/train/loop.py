@@ -1,4 +1,4 @@
-"""The training loop: data, tokenizer, model, ZeRO-3 engine, scheduled teacher forcing, the step,
+"""The training loop: data, tokenizer, model, DeepSpeed engine, scheduled teacher forcing, the step,
 periodic evaluation and checkpoints, resume, Ctrl-C.
 
 Checkpoints live in :mod:`fastcap.train.checkpoint`, logging in :mod:`fastcap.train.tracking`,

@@ -13,7 +13,8 @@ from fastcap.model.layers import EncoderLayer
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Recompute every Transformer layer's activations in backward instead of storing them.
 
-    Layers called with a KV cache (decoding) run normally. Returns the number of layers wrapped.
+    Without grad (evaluation) layers run normally; decoding never goes through ``forward``
+    (it uses ``DecoderLayer.step``). Returns the number of layers wrapped.
     """
     n = 0
     for m in model.modules():
@@ -21,7 +22,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
             inner = m.forward
 
             def wrapped(*args, _inner=inner, **kwargs):
-                if kwargs.get("cache") is not None or not torch.is_grad_enabled():
+                if not torch.is_grad_enabled():
                     return _inner(*args, **kwargs)
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
