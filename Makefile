@@ -10,7 +10,14 @@ ARGS ?=
 
 .PHONY: install train test test-fast bench gpu-check gpu-wheels lint format clean
 
+# the browser test (tests/test_serve.py) drives Debian's headless Chromium through its
+# ChromeDriver; installed once as root (CI), then found on PATH and skipped in a moment
 install: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver (for the browser test)"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -1,5 +1,7 @@
 """fastcap-caption RUN_DIR IMAGE [IMAGE ...]: caption image files, folders or globs.
 
+RUN_DIR is a run folder or a bundle (``fastcap-export``); :mod:`fastcap.runs` tells them apart.
+
 Prints ``PATH<TAB>CAPTION`` per image (one line per returned sequence), or with ``--json`` a
 JSON list with scores. Unreadable images are reported on stderr with their path and the others
 are still captioned; the exit code is then 1. Bad arguments or run folders: exit code 2.
@@ -114,7 +116,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastcap-caption", description="Caption images with a trained fastcap run."
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a fastcap-train run")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="the --out folder of a fastcap-train run, or a bundle written by fastcap-export",
+    )
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files, folders or globs")
     p.add_argument("--json", action="store_true", help="print JSON with scores")
     p.add_argument(

@@ -1,5 +1,7 @@
 """fastcap-eval RUN_DIR [--split test] [--data kind:path]: decode a split and score it.
 
+RUN_DIR is a run folder or a bundle (``fastcap-export``); a bundle needs ``--data``.
+
 Prints and writes (``--out``, default RUN_DIR/eval_<split>_<strategy>.json) BLEU-1..4, METEOR,
 ROUGE-L, CIDEr-D, the shapes semantic score when the data is shapes, the share of distinct
 captions, and image<->text retrieval recall@1/@5; writes the captions in the COCO results
@@ -20,9 +22,15 @@ from fastcap.cli.caption import add_decoding_args, decoding_kwargs
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcap-eval", description="Score a trained fastcap run.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a fastcap-train run")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="the --out folder of a fastcap-train run, or a bundle written by fastcap-export",
+    )
     p.add_argument("--split", default="test", help="split of the data to decode (default test)")
-    p.add_argument("--data", help="dataset as kind:path (default: the run's training data)")
+    p.add_argument(
+        "--data", help="dataset as kind:path (default: the run's training data; a bundle needs it)"
+    )
     p.add_argument("--image-root", help="image folder for karpathy data")
     p.add_argument("--limit", type=int, help="decode only the first N images of the split")
     p.add_argument("--no-retrieval", action="store_true", help="skip retrieval recall")
@@ -54,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, tokenizer, cfg = load_run(args.run_dir, args.device, args.dtype)
+        if cfg is None and not args.data:  # a bundle carries no training config
+            raise RunError(
+                f"{args.run_dir} is a bundle, which does not name its training data; "
+                "give the split's data with --data kind:path"
+            )
         spec = args.data or cfg.data.data
         root = args.image_root if args.data else (args.image_root or cfg.data.image_root)
         mc = model.cfg
-        bad_fraction = getattr(cfg.data, "max_bad_fraction", 0.01)
+        bad_fraction = getattr(cfg.data, "max_bad_fraction", 0.01) if cfg else 0.01
         if spec.startswith("wds:"):  # shards: decoded into memory as a whole
             cs = open_split(
                 spec,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastcap.bundle import write_bundle
 from fastcap.data.records import Batch
 from fastcap.data.sources import check_spec
 from fastcap.data.tokenizer import CaptionTokenizer
@@ -137,8 +138,10 @@ class Trainer:
                 f"{cfg.batch_size}) | kernels: {os.environ.get('FASTCAP_KERNELS', 'auto')}"
             )
 
-    def save_checkpoint(self) -> None:
-        """Engine state + data position + every RNG; see :func:`fastcap.train.checkpoint.save`."""
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Engine state + data position + every RNG (see :func:`fastcap.train.checkpoint.save`)
+        and ``model.pt``; at the end of a run (``final``) also the inference bundle's
+        ``model.safetensors`` and ``model_config.json`` beside them."""
         client = {"step": self.step, "epoch": self.epoch, "batch_pos": self.batch_pos}
         ckpt.save(
             self.engine,
@@ -154,7 +157,10 @@ class Trainer:
         )
         state = eng.full_state_dict(self.engine)  # a collective: every rank gathers
         if self.is_main:
-            ckpt.save_model(self.out / "model.pt", state, to_dict(self.cfg)["model"])
+            model_cfg = to_dict(self.cfg)["model"]
+            ckpt.save_model(self.out / "model.pt", state, model_cfg)
+            if final:
+                write_bundle(state, model_cfg, self.out / "tokenizer.json", self.out)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -172,7 +178,7 @@ class Trainer:
             self.batch_pos += 1
             self.save_checkpoint()
             raise
-        self.save_checkpoint()
+        self.save_checkpoint(final=True)
         m = self.eval_model()
         metrics = {}
         if self.is_main:

@@ -1,0 +1,1 @@
+"""fastcap-serve: the web page and JSON API over a captioner."""
