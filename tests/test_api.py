@@ -25,60 +25,6 @@ from fastcap.cli import caption as caption_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_tiny_run(out: Path, shapes: Path) -> Path:
-    """A run folder as fastcap-train writes it (config.json, tokenizer.json, model.pt) for a
-    tiny captioner trained for a few steps (plain AdamW, no DeepSpeed) on the tiny shapes data;
-    the same recipe as tests/test_caption_cli.py."""
-    from fastcap.data.captionset import CaptionSet
-    from fastcap.data.images import normalize
-    from fastcap.data.karpathy import load_records
-    from fastcap.data.tokenizer import CaptionTokenizer
-    from fastcap.model import Captioner, ModelConfig
-    from fastcap.train.config import DataConfig, TrainConfig, to_dict
-
-    out.mkdir(parents=True, exist_ok=True)
-    recs = load_records(shapes / "dataset.json", shapes, "train")
-    tok = CaptionTokenizer.train([c for r in recs for c in r.captions], vocab_size=64)
-    mc = ModelConfig(
-        image_size=32,
-        width=64,
-        heads=4,
-        encoder_layers=1,
-        unimodal_layers=1,
-        multimodal_layers=1,
-        embed_dim=32,
-        max_len=24,
-        vocab_size=tok.vocab_size,
-    )
-    cfg = TrainConfig(model=mc, data=DataConfig(data=f"shapes:{shapes}"), out=str(out))
-    torch.manual_seed(0)
-    model = Captioner(mc)
-    cs = CaptionSet(recs, tok, mc.image_size, mc.max_len, progress=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for epoch in range(5):  # 15 steps: enough for captions that differ between images
-        for batch in cs.batches(epoch, 0, 32, seed=0):
-            loss = model(normalize(batch.images), batch.tokens, batch.lens)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tok.save(out / "tokenizer.json")
-    blob = {"model": model.state_dict(), "model_config": to_dict(cfg)["model"]}
-    torch.save(blob, out / "model.pt.tmp")
-    (out / "model.pt.tmp").rename(out / "model.pt")  # complete or absent, for the cache below
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_shapes) -> Path:
-    """The tiny run folder, trained once per session whichever test file asks first."""
-    out = tmp_path_factory.getbasetemp() / "fastcap-tiny-run"
-    if not (out / "model.pt").is_file():
-        train_tiny_run(out, tiny_shapes)
-    return out
-
-
 @pytest.fixture(scope="session")
 def shape_pngs(tiny_shapes) -> list[Path]:
     """Eight test images of the tiny shapes data (PNG: every decoder gives the same pixels)."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_api import tiny_run  # noqa: F401 (the shared session fixture)
 
 import fastcap
 from fastcap import bundle
@@ -29,7 +28,7 @@ def images(tiny_shapes) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory) -> Path:  # noqa: F811
+def exported(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "bundle"
     assert export_cli.main([str(tiny_run), "--out", str(out)]) == 0
     return out
@@ -39,7 +38,7 @@ def _captions(cap, images, **kw):
     return [(c.text, c.logprob, c.tokens) for c in cap.caption(images, **kw)]
 
 
-def test_export_holds_three_files_and_no_path(exported, tiny_run):  # noqa: F811
+def test_export_holds_three_files_and_no_path(exported, tiny_run):
     assert sorted(p.name for p in exported.iterdir()) == sorted(bundle.FILES)
     cfg = json.loads((exported / "model_config.json").read_text())
     run_cfg = torch.load(tiny_run / "model.pt", weights_only=True)["model_config"]
@@ -49,7 +48,7 @@ def test_export_holds_three_files_and_no_path(exported, tiny_run):  # noqa: F811
     assert kind_of(exported) == BUNDLE and kind_of(tiny_run) == RUN
 
 
-def test_moved_bundle_captions_like_the_run(exported, tiny_run, images, tmp_path):  # noqa: F811
+def test_moved_bundle_captions_like_the_run(exported, tiny_run, images, tmp_path):
     moved = tmp_path / "elsewhere" / "my-model"
     moved.parent.mkdir()
     shutil.copytree(exported, tmp_path / "copy")
@@ -145,7 +144,7 @@ def test_mismatched_files_are_refused(exported, tmp_path, tiny_shapes):
         load_run(wrong, "cpu")
 
 
-def test_export_fp16_and_errors(tiny_run, tmp_path, images, capsys):  # noqa: F811
+def test_export_fp16_and_errors(tiny_run, tmp_path, images, capsys):
     out = tmp_path / "fp16"
     assert export_cli.main([str(tiny_run), "--out", str(out), "--dtype", "fp16"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -164,7 +163,7 @@ def test_export_fp16_and_errors(tiny_run, tmp_path, images, capsys):  # noqa: F8
     assert rc == 2 and "no such folder" in err and not (tmp_path / "x").exists()
 
 
-def test_training_end_writes_the_bundle_into_the_run(tiny_run, tmp_path, images):  # noqa: F811
+def test_training_end_writes_the_bundle_into_the_run(tiny_run, tmp_path, images):
     """write_bundle(state, model_config, run/tokenizer.json, run): the trainer's last save.
     The run folder stays a run folder (read from model.pt); its three bundle files alone are a
     bundle with the same captions."""
@@ -182,7 +181,7 @@ def test_training_end_writes_the_bundle_into_the_run(tiny_run, tmp_path, images)
     assert _captions(fastcap.load(alone, device="cpu"), images) == want
 
 
-def test_trunk_weights_path_is_never_read(tiny_run, tmp_path, images):  # noqa: F811
+def test_trunk_weights_path_is_never_read(tiny_run, tmp_path, images):
     """A run trained from initial trunk weights names their path; on another machine that path
     is gone, and neither the run nor its bundle needs it."""
     run = tmp_path / "run"
@@ -196,7 +195,7 @@ def test_trunk_weights_path_is_never_read(tiny_run, tmp_path, images):  # noqa: 
     assert json.loads((out / "model_config.json").read_text())["trunk_weights"] is None
 
 
-def test_fastcap_caption_takes_a_run_or_a_bundle(tiny_run, exported, images, tmp_path, capsys):  # noqa: F811
+def test_fastcap_caption_takes_a_run_or_a_bundle(tiny_run, exported, images, tmp_path, capsys):
     outs = []
     for path in (tiny_run, exported):
         rc = caption_cli.main(

@@ -15,51 +15,13 @@ from PIL import Image
 from fastcap.cli import caption as caption_cli
 from fastcap.cli import eval as eval_cli
 from fastcap.data.karpathy import load_records
-from fastcap.data.tokenizer import CaptionTokenizer
-from fastcap.model import Captioner, ModelConfig
 from fastcap.runs import RunError, load_run
-from fastcap.train.config import DataConfig, TrainConfig, to_dict
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory, tiny_shapes) -> Path:
-    """A run folder as fastcap-train writes it, for a tiny captioner trained for a few steps
-    (plain AdamW, no DeepSpeed) on the tiny shapes data."""
-    from fastcap.data.captionset import CaptionSet
-    from fastcap.data.images import normalize
-
-    out = tmp_path_factory.mktemp("run")
-    recs = load_records(tiny_shapes / "dataset.json", tiny_shapes, "train")
-    tok = CaptionTokenizer.train([c for r in recs for c in r.captions], vocab_size=64)
-    mc = ModelConfig(
-        image_size=32,
-        width=64,
-        heads=4,
-        encoder_layers=1,
-        unimodal_layers=1,
-        multimodal_layers=1,
-        embed_dim=32,
-        max_len=24,
-        vocab_size=tok.vocab_size,
-    )
-    cfg = TrainConfig(model=mc, data=DataConfig(data=f"shapes:{tiny_shapes}"), out=str(out))
-    torch.manual_seed(0)
-    model = Captioner(mc)
-    cs = CaptionSet(recs, tok, mc.image_size, mc.max_len, progress=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for epoch in range(5):  # 15 steps: enough for captions that differ between images
-        for batch in cs.batches(epoch, 0, 32, seed=0):
-            loss = model(normalize(batch.images), batch.tokens, batch.lens)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    tok.save(out / "tokenizer.json")
-    torch.save(
-        {"model": model.state_dict(), "model_config": to_dict(cfg)["model"]}, out / "model.pt"
-    )
-    return out
+def run_dir(tiny_run) -> Path:
+    """The tiny trained run folder (tests/conftest.py), read-only here."""
+    return tiny_run
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,6 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_api import tiny_run  # noqa: F401 (the shared session fixture)
 
 import fastcap
 from fastcap.serve.app import Limits, create_app
@@ -42,7 +41,7 @@ def _ci() -> bool:
 
 
 @pytest.fixture(scope="module")
-def cap(tiny_run):  # noqa: F811
+def cap(tiny_run):
     return fastcap.load(tiny_run, device="cpu")
 
 
@@ -577,7 +576,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_fastcap_serve_console_script_on_a_bundle(tiny_run, tmp_path, cap, pngs):  # noqa: F811
+def test_fastcap_serve_console_script_on_a_bundle(tiny_run, tmp_path, cap, pngs):
     exe = Path(sys.executable).parent / "fastcap-serve"
     bad = subprocess.run(
         [str(exe), str(tmp_path / "absent")], capture_output=True, text=True, timeout=120

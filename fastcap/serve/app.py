@@ -70,17 +70,18 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: Literal["greedy", "beam", "sample"] = "greedy"
-    num_beams: int = 3
-    length_penalty: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    temperature: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    # the defaults are the Python API's (one place: fastcap.api.DecodeOptions)
+    strategy: Literal["greedy", "beam", "sample"] = DecodeOptions.strategy
+    num_beams: int = DecodeOptions.num_beams
+    length_penalty: float = DecodeOptions.length_penalty
+    top_p: float = DecodeOptions.top_p
+    top_k: int = DecodeOptions.top_k
+    temperature: float = DecodeOptions.temperature
+    seed: int | None = DecodeOptions.seed
+    max_new_tokens: int | None = DecodeOptions.max_new_tokens
+    min_new_tokens: int = DecodeOptions.min_new_tokens
+    repetition_penalty: float = DecodeOptions.repetition_penalty
+    no_repeat_ngram_size: int = DecodeOptions.no_repeat_ngram_size
     attention_maps: bool = False
     """Add each caption's attention-map picture as a PNG data URL."""
 
