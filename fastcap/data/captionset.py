@@ -1,8 +1,9 @@
 """An in-memory split: decoded images (uint8) and tokenised captions, with deterministic,
 resumable batches.
 
-Every epoch is a fixed permutation drawn from (seed, epoch); which reference caption a sample
-uses is drawn from (seed, epoch, batch). So the data position of a run is just (epoch, batch)
+Every epoch is a fixed permutation drawn from (seed, epoch), of the images (one caption each,
+drawn from (seed, epoch, batch)) or of every (image, caption) pair, as ``epoch_unit`` says
+(:func:`fastcap.data.records.epoch_plan`). So the data position of a run is just (epoch, batch)
 and resuming reproduces the same batches exactly. With several ranks, each rank takes a
 disjoint, equal slice of every global batch.
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fastcap.data.images import read_image
-from fastcap.data.records import Batch, DataError, Record
+from fastcap.data.records import Batch, DataError, Record, epoch_pairs, epoch_plan
 
 log = logging.getLogger("fastcap.data")
 
@@ -35,8 +36,10 @@ class CaptionSet:
         progress: bool = True,
         max_bad_fraction: float = 0.01,
         name: str = "split",
+        epoch_unit: str = "image",
     ):
-        self.tokenizer = tokenizer
+        epoch_pairs(torch.ones(1, dtype=torch.long), epoch_unit)  # a bad unit fails first
+        self.tokenizer, self.epoch_unit = tokenizer, epoch_unit
         self.max_len = max_len
         images, kept, bad = [], [], []
         it = tqdm(
@@ -89,7 +92,7 @@ class CaptionSet:
         return len(self.records)
 
     def steps_per_epoch(self, global_batch: int) -> int:
-        return len(self) // global_batch
+        return epoch_pairs(self.ncap, self.epoch_unit) // global_batch
 
     def batches(
         self, epoch: int, start: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1
@@ -97,15 +100,18 @@ class CaptionSet:
         """Batches ``start``.. of ``epoch`` (drop-last), this rank's slice of each."""
         if global_batch % world:
             raise ValueError(f"batch size {global_batch} does not divide across {world} ranks")
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self), generator=g)
-        local = global_batch // world
-        for b in range(start, self.steps_per_epoch(global_batch)):
-            idx = perm[b * global_batch : (b + 1) * global_batch][rank * local : (rank + 1) * local]
-            gc = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + b)
-            u = torch.rand(global_batch, generator=gc)[rank * local : (rank + 1) * local]
-            cap = (u * self.ncap[idx]).long()
-            yield self.gather(idx, cap)
+        plan = epoch_plan(
+            self.ncap,
+            epoch,
+            global_batch,
+            seed=seed,
+            rank=rank,
+            world=world,
+            unit=self.epoch_unit,
+        )
+        for b, idx, cap in plan:
+            if b >= start:
+                yield self.gather(idx, cap)
 
     def gather(self, idx: Tensor, cap: Tensor | None = None) -> Batch:
         """Batch of records ``idx`` with caption choice ``cap`` (default: the first)."""

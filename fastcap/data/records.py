@@ -6,6 +6,7 @@ records. A leaf: it imports nothing else from :mod:`fastcap.data`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,49 @@ class Batch:
     tokens: Tensor  # (B, L) int64: bos, caption, eos, pad
     lens: Tensor  # (B,) int64
     ids: list[int]
+
+
+EPOCH_UNITS = ("image", "caption")
+
+
+def epoch_pairs(ncap: Tensor, unit: str) -> int:
+    """Samples per epoch: one per image (``image``) or one per caption (``caption``)."""
+    if unit not in EPOCH_UNITS:
+        raise ValueError(f"epoch unit {unit!r}: use image or caption")
+    return len(ncap) if unit == "image" else int(ncap.sum())
+
+
+def epoch_plan(
+    ncap: Tensor, epoch: int, global_batch: int, *, seed: int, rank: int, world: int, unit: str
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(batch index, record indices, caption indices) of this rank for every batch of
+    ``epoch`` (drop-last): a pure function of its arguments, so resume is exact.
+
+    ``image``: a permutation of the records drawn from (seed, epoch), one caption per image
+    drawn per batch from (seed, epoch, batch); an epoch sees every image once and a random
+    caption of each. ``caption``: a permutation of every (record, caption) pair, so an epoch
+    sees every caption of every image once; a batch may then hold one image twice (with two
+    captions): about B^2 / (2 N) times per batch for N images, 0.3 at COCO's 113k and B 256.
+    """
+    local = global_batch // world
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if unit == "caption":
+        owner = torch.repeat_interleave(torch.arange(len(ncap)), ncap)  # (M,) record of pair
+        first = torch.cumsum(ncap, 0) - ncap  # (N,) index of each record's first pair
+        which = torch.arange(len(owner)) - first[owner]  # (M,) caption index within record
+        perm = torch.randperm(len(owner), generator=g)
+        for b in range(len(owner) // global_batch):
+            sel = perm[b * global_batch : (b + 1) * global_batch][rank * local : (rank + 1) * local]
+            yield b, owner[sel], which[sel]
+        return
+    if unit != "image":
+        raise ValueError(f"epoch unit {unit!r}: use image or caption")
+    perm = torch.randperm(len(ncap), generator=g)
+    for b in range(len(ncap) // global_batch):
+        idx = perm[b * global_batch : (b + 1) * global_batch][rank * local : (rank + 1) * local]
+        gc = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + b)
+        u = torch.rand(global_batch, generator=gc)[rank * local : (rank + 1) * local]
+        yield b, idx, (u * ncap[idx]).long()
 
 
 def encode_caption(tokenizer, caption: str, max_len: int) -> list[int]:

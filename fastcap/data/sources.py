@@ -248,12 +248,20 @@ def open_split(
     num_workers: int = 0,
     progress: bool = False,
     max_bad_fraction: float = 0.01,
+    epoch_unit: str = "image",
 ):
     """One split as a CaptionSet (in memory), StreamSet (files decoded in workers) or WdsSet
     (tar shards). All three offer ``len``, ``steps_per_epoch(global_batch)``,
     ``batches(epoch, start, global_batch, *, seed, rank, world)`` yielding
     ``Batch(images (b, 3, S, S) uint8, tokens (b, L), lens (b,), ids)``, ``bad`` and
-    ``records``. Raises DataError on a bad spec, an empty split or too many bad records."""
+    ``records``. ``epoch_unit``: what an epoch enumerates, every image once (``image``) or every
+    caption of every image once (``caption``; not for tar shards, which are read in order).
+    Raises DataError on a bad spec, an empty split or too many bad records."""
+    if spec.startswith("wds:") and epoch_unit != "image":
+        raise DataError(
+            f"wds:{spec.split(':', 1)[1]}: epoch_unit {epoch_unit!r} needs an indexable split; "
+            "shards stream one caption draw per sample, use data.epoch_unit=image"
+        )
     kind, _, _ = parse_spec(spec, image_root)
     name = split
     if kind == "wds":
@@ -290,6 +298,7 @@ def open_split(
             progress=progress,
             max_bad_fraction=max_bad_fraction,
             name=name,
+            epoch_unit=epoch_unit,
         )
     return StreamSet(
         recs,
@@ -299,4 +308,5 @@ def open_split(
         num_workers=num_workers,
         max_bad_fraction=max_bad_fraction,
         name=name,
+        epoch_unit=epoch_unit,
     )

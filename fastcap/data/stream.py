@@ -28,6 +28,8 @@ from fastcap.data.records import (
     Record,
     collate,
     encode_caption,
+    epoch_pairs,
+    epoch_plan,
     precheck,
     short_reason,
 )
@@ -88,7 +90,10 @@ class StreamSet:
         num_workers: int = 0,
         max_bad_fraction: float = 0.01,
         name: str = "split",
+        epoch_unit: str = "image",
     ):
+        epoch_pairs(torch.ones(1, dtype=torch.long), epoch_unit)  # a bad unit fails first
+        self.epoch_unit = epoch_unit
         self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
         self.num_workers = num_workers
         self.tracker = BadTracker(name, len(records), max_bad_fraction)
@@ -107,18 +112,19 @@ class StreamSet:
         return len(self.records)
 
     def steps_per_epoch(self, global_batch: int) -> int:
-        return len(self) // global_batch
+        return epoch_pairs(self.ncap, self.epoch_unit) // global_batch
 
     def plan(self, epoch: int, global_batch: int, *, seed: int, rank: int, world: int):
         """Yields (batch index, [(record index, caption index)] of this rank) for every batch."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self), generator=g)
-        local = global_batch // world
-        for b in range(self.steps_per_epoch(global_batch)):
-            idx = perm[b * global_batch : (b + 1) * global_batch][rank * local : (rank + 1) * local]
-            gc = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + b)
-            u = torch.rand(global_batch, generator=gc)[rank * local : (rank + 1) * local]
-            cap = (u * self.ncap[idx]).long()
+        for b, idx, cap in epoch_plan(
+            self.ncap,
+            epoch,
+            global_batch,
+            seed=seed,
+            rank=rank,
+            world=world,
+            unit=self.epoch_unit,
+        ):
             yield b, list(zip(idx.tolist(), cap.tolist()))
 
     def batches(

@@ -44,6 +44,10 @@ class DataConfig:
     """BPE vocabulary size (trained on the training captions, saved in the run folder)."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the main process)."""
+    epoch_unit: str = "image"
+    """What one epoch enumerates: image (every training image once, with one of its captions
+    drawn at random) or caption (every caption of every image once: COCO's 5 captions per
+    image make such an epoch 5 image-epochs long). Not for wds shards."""
 
 
 @dataclass
@@ -320,6 +324,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"wandb {cfg.wandb!r}: use online, offline or disabled")
     if cfg.zero_stage not in (None, 0, 1, 2, 3):
         raise ConfigError(f"zero_stage {cfg.zero_stage}: use 0, 1, 2 or 3 (or none: automatic)")
+    if cfg.data.epoch_unit not in ("image", "caption"):
+        raise ConfigError(f"data.epoch_unit {cfg.data.epoch_unit!r}: use image or caption")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
     try:

@@ -49,7 +49,12 @@ def open_run_data(cfg: TrainConfig, out: Path, *, is_main: bool, new_run: bool, 
         max_bad_fraction=dc.max_bad_fraction,
     )
     train = open_split(
-        dc.data, dc.train_split, in_memory=dc.in_memory, num_workers=dc.num_workers, **common
+        dc.data,
+        dc.train_split,
+        in_memory=dc.in_memory,
+        num_workers=dc.num_workers,
+        epoch_unit=dc.epoch_unit,
+        **common,
     )
     has_val = bool(load_split_records(dc.data, dc.val_split, dc.image_root))
     val = open_split(dc.data, dc.val_split, in_memory=True, **common) if has_val else None
