@@ -8,7 +8,7 @@ DATA ?= data/shapes
 RUN ?= runs/shapes-tiny
 ARGS ?=
 
-.PHONY: install train test test-fast bench gpu-check gpu-wheels lint format clean
+.PHONY: install train scst test test-fast bench gpu-check gpu-wheels lint format clean
 
 # the browser test (tests/test_serve.py) drives Debian's headless Chromium through its
 # ChromeDriver; installed once as root (CI), then found on PATH and skipped in a moment
@@ -32,6 +32,12 @@ $(DATA)/dataset.json: | $(STAMP)
 
 train: install $(DATA)/dataset.json
 	$(BIN)/fastcap-train --preset shapes-tiny --data shapes:$(DATA) --out $(RUN) $(ARGS)
+
+# self-critical fine-tuning of the make-train run on its own samples' CIDEr-D (README, SCST)
+SCST_RUN ?= $(RUN)-scst
+SCST_ARGS ?= --steps 300 --batch-size 32
+scst: install
+	$(BIN)/fastcap-train --scst --init $(RUN) --out $(SCST_RUN) $(SCST_ARGS) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -319,7 +319,6 @@ def _decode_one_per_image(
     return Generated(out[:, :used], lens, scores, step_logits)
 
 
-@torch.inference_mode()
 def greedy(
     model,
     images: Tensor,
@@ -370,7 +369,6 @@ def greedy(
     )
 
 
-@torch.inference_mode()
 def sample(
     model,
     images: Tensor,
@@ -427,6 +425,15 @@ def sample(
         output_logits=output_logits,
         repeat=num_return_sequences,
     )
+
+
+# Training objectives that decode inside the engine's forward (SCST, fastcap.train.scst) take
+# these twins: no_grad rather than inference_mode, so that parameters ZeRO-3 gathers during the
+# decoding stay ordinary tensors, usable by the differentiable pass that follows.
+greedy_no_grad = torch.no_grad()(greedy)
+sample_no_grad = torch.no_grad()(sample)
+greedy = torch.inference_mode()(greedy)
+sample = torch.inference_mode()(sample)
 
 
 # ---------------------------------------------------------------------- beam search

@@ -39,10 +39,10 @@ def _step_of(engine) -> int:
 _forward = step.forward_micro
 
 
-def forward_micro(engine, mb, p, generator, capture):
+def forward_micro(engine, mb, p, generator, capture, objective=None):
     if (_step_of(engine), mb.index) in NAN:
         mb = dataclasses.replace(mb, images=mb.images * float("nan"))
-    return _forward(engine, mb, p, generator, capture)
+    return _forward(engine, mb, p, generator, capture, objective)
 
 
 step.forward_micro = forward_micro

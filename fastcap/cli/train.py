@@ -7,7 +7,8 @@ import json
 import sys
 
 from fastcap.data.records import DataError
-from fastcap.train.config import PRESETS, ConfigError, build
+from fastcap.model.trunk_weights import TrunkWeightsError
+from fastcap.train.config import PRESETS, SCST_DEFAULTS, ConfigError, build
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,6 +23,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="image folder for karpathy data")
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument(
+        "--scst",
+        action="store_true",
+        help="self-critical fine-tuning (CIDEr-D reward) of the run given by --init",
+    )
+    p.add_argument(
+        "--init",
+        metavar="RUN_DIR",
+        help="start from this finished run's weights, tokenizer and config (with --scst)",
+    )
     p.add_argument("--epochs", type=float)
     p.add_argument("--steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--batch-size", type=int)
@@ -30,6 +41,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=["online", "offline", "disabled"])
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print parameters, FLOPs, memory and time per epoch of the configured run, then "
+        "exit (builds the model on the meta device; no data, run folder or DeepSpeed)",
+    )
+    p.add_argument(
+        "--plan-mfu",
+        type=float,
+        default=None,
+        help="model FLOPs utilisation the --plan times assume (default 0.35)",
+    )
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument(
         "overrides",
@@ -38,6 +61,21 @@ def parser() -> argparse.ArgumentParser:
         help="any config field, e.g. model.width=256 tf.schedule=linear tf.end=0.8",
     )
     return p
+
+
+def scst_start(args, overrides: list[str]) -> tuple[dict, list[str]]:
+    """The initial run's config as the base, then SCST_DEFAULTS, then the command line."""
+    if not (args.scst and args.init):
+        raise ConfigError("--scst and --init RUN_DIR go together: SCST fine-tunes a trained run")
+    from pathlib import Path
+
+    init = Path(args.init)
+    if not (init / "config.json").is_file():
+        raise ConfigError(f"--init {init}: no config.json; give a fastcap-train --out folder")
+    base = json.loads((init / "config.json").read_text())
+    first = [f"{k}={v}" for k, v in SCST_DEFAULTS.items()]
+    first += [f"scst.init={init}", f"out={init.with_name(init.name + '-scst')}"]
+    return base, first + overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,19 +99,27 @@ def main(argv: list[str] | None = None) -> int:
             from fastcap.train.checkpoint import check_run_dir
 
             base = json.loads((check_run_dir(args.resume) / "config.json").read_text())
+        elif args.scst or args.init:
+            base, overrides = scst_start(args, overrides)
         cfg = build(args.preset, args.config, overrides, base=base)
+        if args.plan:
+            from fastcap.plan import DEFAULT_MFU, format_plan, make_plan
+
+            mfu = DEFAULT_MFU if args.plan_mfu is None else args.plan_mfu
+            print(format_plan(make_plan(cfg, mfu=mfu)))
+            return 0
         from fastcap.train.checkpoint import CheckpointError
         from fastcap.train.loop import NonFiniteError, Trainer
 
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrunkWeightsError) as e:
         print(f"fastcap-train: error: {e}", file=sys.stderr)
         return 2
     try:
         trainer.run()
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrunkWeightsError) as e:
         print(f"fastcap-train: error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteError, CheckpointError) as e:

@@ -94,6 +94,7 @@ class Captioner(nn.Module):
         tf_p: float = 1.0,
         generator: torch.Generator | None = None,
         capture: bool = False,
+        objective=None,
     ) -> dict[str, Tensor]:
         """Losses of one batch.
 
@@ -104,12 +105,18 @@ class Captioner(nn.Module):
                 no-grad first pass on gold inputs supplies the model's own predictions.
             generator: CPU generator for the teacher-forcing draws (part of the resumable state).
             capture: also return diagnostics (activation RMS, attention and router entropy).
+            objective: a training objective defined outside the model, called as
+                ``objective(self, images)`` instead of the cross-entropy losses (``tokens``,
+                ``lens`` unused): it runs here, inside the engine's forward, where ZeRO-3 has
+                gathered the parameters. SCST is one (:mod:`fastcap.train.scst`).
 
         Returns:
             dict with ``loss`` (the total, differentiable), ``ce``, ``clip``, ``aux`` (detached
             terms), ``tf_pred`` (share of caption inputs that read a prediction) and, with
             ``capture``, ``diag/...`` entries.
         """
+        if objective is not None:
+            return objective(self, images)
         cfg = self.cfg
         if capture:
             self._set_capture(True)

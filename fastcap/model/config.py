@@ -31,9 +31,27 @@ class ModelConfig:
     """The captioner: ResNet trunk + Transformer encoder, CoCa-style Transformer decoder."""
 
     trunk: str = "resnet18"
-    """torchvision ResNet trunk: resnet18, resnet34 or resnet50 (built with weights=None)."""
+    """torchvision ResNet trunk: resnet18, resnet34 or resnet50 (built with weights=None, then
+    loaded from trunk_weights if set)."""
     trunk_weights: str | None = None
-    """Optional path of a local state_dict file for the trunk (nothing is downloaded)."""
+    """Pretrained trunk: ``imagenet`` (the trunk's torchvision DEFAULT weights: IMAGENET1K_V1
+    for resnet18/34, IMAGENET1K_V2 for resnet50), a torchvision weights name for the trunk
+    (IMAGENET1K_V1, IMAGENET1K_V2), or the path of a local state_dict file (``torch.save`` of a
+    torchvision ResNet's state dict). Named weights go through torchvision's weights API:
+    downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints) when online, read from
+    there when offline. Loaded strictly (every key but the dropped ``fc.`` classifier, with its
+    shape); needs trunk_norm=batch. The images are normalised with ImageNet's mean/std already,
+    as these weights expect."""
+    trunk_bn_frozen: bool = False
+    """Freeze the trunk's BatchNorm statistics: its BatchNorm layers stay in eval mode (running
+    mean/var used, never updated) while the model trains. Their affine weight and bias still
+    train. Needs trunk_norm=batch; meant for a pretrained trunk, whose ImageNet statistics a
+    small batch would otherwise overwrite."""
+    freeze_trunk_steps: int = 0
+    """The trunk takes no update in the first N optimiser steps (it runs without grad and in
+    eval mode, and its parameter groups have LR 0 so AdamW's weight decay does not move it
+    either), then trains with the rest of the model. Meant for a pretrained trunk: the new
+    layers settle before their gradients reach it."""
     trunk_norm: str = "group"
     """Normalisation inside the trunk: group (GroupNorm, 32 groups; the default: no train/eval
     gap and independent of how a batch is split across ranks) or batch (torchvision's
@@ -107,6 +125,19 @@ class ModelConfig:
             raise ValueError(f"model.trunk {self.trunk!r}: use resnet18, resnet34 or resnet50")
         if self.trunk_norm not in ("batch", "group"):
             raise ValueError(f"model.trunk_norm {self.trunk_norm!r}: use batch or group")
+        if self.trunk_weights is not None and self.trunk_norm != "batch":
+            raise ValueError(
+                "model.trunk_weights needs model.trunk_norm=batch (pretrained ResNets use "
+                "BatchNorm)"
+            )
+        if self.trunk_bn_frozen and self.trunk_norm != "batch":
+            raise ValueError(
+                "model.trunk_bn_frozen needs model.trunk_norm=batch (GroupNorm has no statistics)"
+            )
+        if self.freeze_trunk_steps < 0:
+            raise ValueError(f"model.freeze_trunk_steps {self.freeze_trunk_steps} must be >= 0")
+        if self.trunk_weights is not None:
+            self._check_trunk_weights()
         if self.trunk_stride not in (4, 8, 16, 32):
             raise ValueError(f"model.trunk_stride {self.trunk_stride}: use 4, 8, 16 or 32")
         grid = self.image_size // self.trunk_stride
@@ -119,3 +150,22 @@ class ModelConfig:
             raise ValueError(f"siglip_scale_max {self.siglip_scale_max} must be > 0")
         if self.moe.enabled and self.moe.top_k > self.moe.num_experts:
             raise ValueError(f"moe.top_k {self.moe.top_k} > moe.num_experts {self.moe.num_experts}")
+
+    def _check_trunk_weights(self) -> None:
+        """trunk_weights names torchvision weights of this trunk or an existing file."""
+        from pathlib import Path
+
+        from fastcap.model.trunk_weights import named_trunk_weights, weight_names
+
+        w = self.trunk_weights
+        if named_trunk_weights(self.trunk, w) is not None or Path(w).is_file():
+            return
+        if "/" in w or "\\" in w or "." in w:  # a path
+            raise ValueError(
+                f"model.trunk_weights {w}: no such file; give the path of a state_dict file or "
+                f"a weights name ({', '.join(weight_names(self.trunk))})"
+            )
+        raise ValueError(
+            f"model.trunk_weights {w!r} is not a weights name for {self.trunk}: use "
+            f"{', '.join(weight_names(self.trunk))} or the path of a state_dict file"
+        )

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from fastcap.model.config import ModelConfig
 from fastcap.model.layers import EncoderLayer, RMSNorm
+from fastcap.model.trunk_weights import TrunkWeightsError, load_trunk_state, load_trunk_weights
 
 # ResNet stage -> (output stride, channels for resnet18/34, channels for resnet50)
 _STAGES = {
@@ -23,14 +24,18 @@ _STAGES = {
 def build_trunk(
     name: str, stride: int, weights: str | None, norm: str = "batch"
 ) -> tuple[nn.Module, int]:
-    """A torchvision ResNet (weights=None, optionally a local state_dict) cut at ``stride``."""
+    """A torchvision ResNet cut at ``stride``: built with weights=None, then optionally loaded
+    (strictly, see :func:`load_trunk_weights`) from the weights ``model.trunk_weights`` names
+    (:func:`load_trunk_state`); built on the meta device (shapes only), nothing is read."""
     kw = {"norm_layer": lambda c: nn.GroupNorm(32, c)} if norm == "group" else {}
     net = getattr(torchvision.models, name)(weights=None, **kw)
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        missing, _ = net.load_state_dict(state, strict=False)
-        if any(not m.startswith("fc.") for m in missing):
-            raise ValueError(f"trunk weights {weights}: missing keys {missing[:5]}")
+    if weights is not None and not net.conv1.weight.is_meta:  # a meta model holds no values
+        if norm != "batch":
+            raise TrunkWeightsError(
+                "model.trunk_weights needs model.trunk_norm=batch (pretrained ResNets use "
+                "BatchNorm)"
+            )
+        load_trunk_weights(net, load_trunk_state(name, weights), weights)
     layers = [net.conv1, net.bn1, net.relu, net.maxpool]
     channels = 0
     for stage, (s, c_small, c_big) in _STAGES.items():
@@ -66,12 +71,43 @@ class VisionEncoder(nn.Module):
         )
         self.norm = RMSNorm(cfg.width)
         self.embed = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
+        self._trunk_frozen = False
+
+    @property
+    def trunk_frozen(self) -> bool:
+        """The trunk is frozen for this step (the trainer sets it from the step number, see
+        ``ModelConfig.freeze_trunk_steps``): it runs under ``no_grad`` in eval mode, so its
+        parameters get no gradient and its BatchNorm statistics do not move."""
+        return self._trunk_frozen
+
+    @trunk_frozen.setter
+    def trunk_frozen(self, frozen: bool) -> None:
+        self._trunk_frozen = bool(frozen)
+        self.train(self.training)  # re-apply the trunk's mode
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """``nn.Module.train``, except that the trunk's BatchNorm layers stay in eval mode (their
+        running statistics fixed) with ``trunk_bn_frozen``, and the whole trunk while
+        :attr:`trunk_frozen`. ``engine.train()`` (DeepSpeed) reaches this through the parent."""
+        super().train(mode)
+        if mode and self._trunk_frozen:
+            self.trunk.eval()
+        elif mode and self.cfg.trunk_bn_frozen:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (B, 3, S, S) normalised -> tokens (B, N, d), pooled embedding (B, embed_dim)."""
         if CHANNELS_LAST:
             images = images.contiguous(memory_format=torch.channels_last)
-        f = self.proj(self.trunk(images))  # (B, d, g, g)
+        if self._trunk_frozen:  # no activations kept, no backward through the trunk
+            with torch.no_grad():
+                t = self.trunk(images)
+        else:
+            t = self.trunk(images)
+        f = self.proj(t)  # (B, d, g, g)
         B, d, g, _ = f.shape
         p = self.cfg.patch
         if self.patch is not None:

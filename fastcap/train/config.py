@@ -83,6 +83,29 @@ class TeacherForcingConfig:
 
 
 @dataclass
+class SCSTConfig:
+    """Self-critical sequence training (Rennie et al. 2017): fine-tune a cross-entropy run on
+    the CIDEr-D of its own sampled captions (see fastcap.train.scst)."""
+
+    enabled: bool = False
+    """Train with SCST instead of cross-entropy (``fastcap-train --scst --init RUN_DIR``)."""
+    init: str | None = None
+    """Run folder (or bundle) whose weights and tokenizer the SCST run starts from."""
+    samples: int = 5
+    """Captions sampled per image (K) per step."""
+    baseline: str = "mean"
+    """mean: each sample's baseline is the mean reward of the image's other K - 1 samples (the
+    "new self-critical" variant, Luo 2020); greedy: the reward of the image's greedy caption
+    (the original SCST; one more decoding per step)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: the full distribution, as SCST samples)."""
+    max_new_tokens: int = 0
+    """Longest sampled caption in tokens (0: model.max_len - 1)."""
+
+
+@dataclass
 class TrainConfig:
     """One training run."""
 
@@ -133,6 +156,9 @@ class TrainConfig:
     """W&B project name."""
     num_samples: int = 8
     """Sample captions printed at each evaluation."""
+    select_metric: str = "CIDEr-D"
+    """The periodic validation score that picks the best weights, kept in ``best/`` and scored
+    at the end beside the last ones: CIDEr-D, BLEU-4 or semantic_acc (shapes), or none."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The captioner."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +167,8 @@ class TrainConfig:
     """The optimiser."""
     tf: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     """Scheduled teacher forcing."""
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
+    """Self-critical sequence training (off unless ``--scst``)."""
 
 
 def _shapes_tiny() -> TrainConfig:
@@ -148,13 +176,50 @@ def _shapes_tiny() -> TrainConfig:
 
 
 def _coco_base() -> TrainConfig:
+    """COCO (Karpathy split) on a pretrained ResNet-50: a dense captioner of ~62M parameters.
+
+    Numbers from ``fastcap-train --preset coco-base --plan`` (fastcap.plan).
+
+    * Size: most COCO captioners are 50-250M parameters on a pretrained encoder. The ImageNet
+      ResNet-50 trunk (23.5M, BatchNorm, statistics frozen) is cut at stride 32 (all four
+      stages: the features grid captioners use) and at 384 px gives 12 x 12 = 144 image
+      tokens. 384 px costs 29 GFLOPs forward per image, 82% of it in the trunk; 224 px would
+      be 11 GFLOPs with 7 x 7 = 49 tokens, too coarse for small objects, and 384 px still
+      trains an epoch in minutes (below). Width 512, 8 heads of 64, 3 encoder layers and 3 + 3
+      decoder layers, the Transformer-base captioner's shape (M2, AoA: d 512, 3-6 layers):
+      38M parameters on top of the trunk, 62M in all.
+    * Vocabulary: 10,240 BPE tokens (a multiple of 128 for the LM-head GEMM): 5.2M tied
+      embedding parameters; max_len 32 positions keeps all but the longest few COCO captions.
+    * Batch 256 on one A100 80GB in bf16: the plan measures 35.1 GiB of saved activations at
+      256 (0.14 GiB an image, the trunk at 384 px is most of it) and 1 GiB of weights, grads
+      and AdamW state; the rest of the 80 GB is room for backward's transients and cuDNN
+      workspaces. Checkpointing is off: it wraps only the Transformer layers and saves 3.6
+      GiB of the 35.1 (31.5 with it) while recomputing their forward (18% of the FLOPs).
+    * Schedule: epoch_unit caption (each epoch reads every caption once: 566,435 samples,
+      2,212 steps of 256). 5 caption-epochs = 25 image-epochs, the middle of the usual 15-30
+      image-epochs of cross-entropy training; 11,060 steps. Warmup 500 steps (4.5% of the
+      run), cosine to 5% of a 3e-4 peak (the pretrained trunk shares it, so it stays below
+      the 5e-4 of from-scratch Transformer captioners; the trunk takes no update in the first
+      1,000 steps, while the new layers settle).
+    * Time: 88 GFLOPs a training sample, 7.6 min an epoch on an A100 (312 TFLOP/s bf16 at 35%
+      MFU), 38 min for the run; 2.4 min an epoch on an H100. Compute is not the limit: at that
+      rate the loader must decode ~1,200 JPEGs/s, so give it as many workers as there are
+      cores.
+    * Losses: label smoothing 0.1; contrastive weight 0.5 (CoCa weighs captioning 2 to
+      contrastive 1). Teacher forcing constant 1.0 (none): plain cross-entropy is what COCO
+      results are reported from, scheduled sampling changes Transformer captioners by less
+      than the seed does, and p < 1 costs a no-grad decoder pass and a text-tower rerun
+      (+4.0 GFLOPs, +4.5% a sample, and +0.6 GiB of activations at 256). Try
+      ``tf.schedule=linear tf.end=0.75`` as an experiment; SCST (``--scst``) is the fix for
+      exposure bias.
+    """
     return TrainConfig(
         preset="coco-base",
         out="runs/coco-base",
-        epochs=10,
+        epochs=5,
         batch_size=256,
         precision="auto",
-        checkpointing=True,
+        checkpointing=False,
         eval_every=2000,
         save_every=2000,
         eval_samples=2000,
@@ -162,41 +227,89 @@ def _coco_base() -> TrainConfig:
         diag_every=500,
         model=ModelConfig(
             trunk="resnet50",
+            trunk_norm="batch",
+            trunk_weights="imagenet",
+            trunk_bn_frozen=True,
+            freeze_trunk_steps=1000,
             trunk_stride=32,
             image_size=384,
             patch=1,
-            width=768,
-            heads=12,
-            encoder_layers=6,
-            unimodal_layers=6,
-            multimodal_layers=6,
-            max_len=40,
-            vocab_size=16384,
+            width=512,
+            heads=8,
+            encoder_layers=3,
+            unimodal_layers=3,
+            multimodal_layers=3,
+            max_len=32,
+            vocab_size=10240,
             embed_dim=512,
             label_smoothing=0.1,
-            lambda_clip=1.0,
-            moe=MoEConfig(
-                enabled=True,
-                num_experts=64,
-                num_shared=2,
-                top_k=6,
-                expert_hidden=512,
-                first_dense=True,
-            ),
+            lambda_clip=0.5,
         ),
         data=DataConfig(
             data="karpathy:data/coco/dataset_coco.json",
             image_root="data/coco",
             eval_splits=["test"],
-            vocab_size=16384,
+            vocab_size=10240,
             num_workers=8,
+            epoch_unit="caption",
         ),
-        optim=OptimConfig(lr=3e-4, warmup_steps=2000, weight_decay=0.1),
-        tf=TeacherForcingConfig(schedule="inverse_sigmoid", start=1.0, end=0.75, k=4000.0),
+        optim=OptimConfig(lr=3e-4, warmup_steps=500, weight_decay=0.05),
+        tf=TeacherForcingConfig(schedule="constant", start=1.0, end=1.0),
     )
 
 
-PRESETS = {"shapes-tiny": _shapes_tiny, "coco-base": _coco_base}
+def _coco_moe() -> TrainConfig:
+    """coco-base with a DeepSeek-style MoE decoder: the same trunk, encoder, data, batch,
+    schedule and losses, only the decoder's feed-forward blocks change.
+
+    Numbers from ``fastcap-train --preset coco-moe --plan``.
+
+    * Experts: 16 routed of width 512, top-2, plus 1 shared of width 512, in decoder layers
+      1-5 (layer 0 stays dense, DeepSeek's first_dense). A token's expert width is 3 x 512 =
+      1,536, about the dense SwiGLU's 1,376, so an image costs what it costs in coco-base
+      (29.40 vs 29.32 GFLOPs forward); the parameters grow to 118M in all, of which the
+      routed experts hold 63M, with 63M active per token (coco-base: 62M).
+    * What the data can feed: 5 caption-epochs of COCO are ~34M caption tokens per layer
+      (566k captions x ~12 tokens x 5). Each expert sees 2/16 of them, ~4M tokens, for its
+      0.79M parameters: ~5 tokens per parameter, against ~16 for the dense FFN of coco-base.
+      The old coco-base MoE (64 experts of 1.2M, top-6, 10 image-epochs) gave each expert
+      ~1.3M tokens, ~1 per parameter, and made 830M of its 985M parameters routed experts:
+      more experts than the data feeds.
+    * Memory: 35.5 GiB of saved activations at batch 256, 0.5 GiB over coco-base (the decoder
+      is a small part of them); weights, grads and AdamW state 1.8 GiB at one rank.
+    """
+    cfg = _coco_base()
+    cfg.preset, cfg.out = "coco-moe", "runs/coco-moe"
+    cfg.model.moe = MoEConfig(
+        enabled=True,
+        num_experts=16,
+        num_shared=1,
+        top_k=2,
+        expert_hidden=512,
+        first_dense=True,
+    )
+    return cfg
+
+
+SELECT_METRICS = ("CIDEr-D", "BLEU-4", "semantic_acc", "none")
+
+# What ``fastcap-train --scst --init RUN_DIR`` changes in the initial run's config before the
+# command line's own values: a constant, small LR (the policy gradient is noisy and the model
+# already good: Rennie et al. and Luo's recipes use 5e-5 and 2e-5 after cross-entropy at 5e-4)
+# and no teacher forcing (SCST never reads gold tokens).
+SCST_DEFAULTS = {
+    "scst.enabled": "true",
+    "optim.lr": "5e-5",
+    "optim.warmup_steps": "0",
+    "optim.min_lr_ratio": "1.0",
+    "tf.schedule": "constant",
+    "tf.start": "1.0",
+    "epochs": "2",
+    "model.trunk_weights": "none",  # the trunk's weights come from the initial run
+    "model.freeze_trunk_steps": "0",  # and were already trained with the rest
+}
+
+PRESETS = {"shapes-tiny": _shapes_tiny, "coco-base": _coco_base, "coco-moe": _coco_moe}
 
 
 def preset(name: str) -> TrainConfig:
@@ -326,6 +439,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"zero_stage {cfg.zero_stage}: use 0, 1, 2 or 3 (or none: automatic)")
     if cfg.data.epoch_unit not in ("image", "caption"):
         raise ConfigError(f"data.epoch_unit {cfg.data.epoch_unit!r}: use image or caption")
+    if cfg.select_metric not in SELECT_METRICS:
+        raise ConfigError(f"select_metric {cfg.select_metric!r}: use {', '.join(SELECT_METRICS)}")
+    sc = cfg.scst
+    if sc.enabled:
+        if sc.baseline not in ("mean", "greedy"):
+            raise ConfigError(f"scst.baseline {sc.baseline!r}: use mean or greedy")
+        if sc.samples < (2 if sc.baseline == "mean" else 1):
+            raise ConfigError(
+                f"scst.samples {sc.samples}: the mean baseline needs at least 2 samples per "
+                "image (or use scst.baseline=greedy)"
+            )
+        if not sc.init:
+            raise ConfigError("SCST starts from a trained run: give --init RUN_DIR")
+        if not 0.0 < sc.top_p <= 1.0 or not sc.temperature > 0:
+            raise ConfigError("scst.top_p must be in (0, 1] and scst.temperature > 0")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must be >= 1")
     try:

@@ -144,19 +144,23 @@ def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for 1-D tensors (norms, biases, scalars) and position tables."""
-    decay, no_decay = [], []
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, trunk_apart: bool = False
+) -> list[dict]:
+    """AdamW groups: no decay for 1-D tensors (norms, biases, scalars) and position tables.
+    With ``trunk_apart`` the vision trunk's parameters make two more groups (decay, no decay)
+    after those, whose LR :func:`build_engine` holds at 0 while the trunk is frozen."""
+    groups: dict[tuple[bool, bool], list] = {(t, d): [] for t in (0, 1) for d in (1, 0)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "pos_" in name or name.endswith("logit_scale"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        trunk = trunk_apart and name.startswith("vision.trunk.")
+        decay = not (p.ndim < 2 or "pos_" in name or name.endswith("logit_scale"))
+        groups[trunk, decay].append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[t, d], "weight_decay": weight_decay if d else 0.0}
+        for t in ((0, 1) if trunk_apart else (0,))
+        for d in (1, 0)
     ]
 
 
@@ -201,6 +205,19 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
+def frozen_for(steps: int, f):
+    """``f`` held at 0 for the first ``steps`` optimiser steps (LambdaLR's index counts the
+    steps taken, so step k + 1 uses index k): the trunk groups' LR while the trunk is frozen.
+    The trunk then gets no gradient, but DeepSpeed hands the optimiser zeros for it (the plain
+    engine fills missing grads with zeros before its all-reduce, ZeRO-3 partitions zeros), and
+    AdamW's decoupled weight decay, p -= lr * wd * p, would still move it."""
+
+    def g(step: int) -> float:
+        return 0.0 if step < steps else f(step)
+
+    return g
+
+
 def build_engine(model: Captioner, cfg: TrainConfig, world: int, precision: str, total_steps: int):
     """Wrap the model in a DeepSpeed engine (ZeRO-3 with more than one rank) with AdamW and
     warmup + cosine LR."""
@@ -211,13 +228,16 @@ def build_engine(model: Captioner, cfg: TrainConfig, world: int, precision: str,
     # MoE: which experts run depends on the data, so ZeRO-3 must gather the block as one leaf
     if z3 and any(isinstance(m, MoE) for m in model.modules()):
         set_z3_leaf_modules(model, [MoE])
-    groups = param_groups(model, cfg.optim.weight_decay)
+    frozen = cfg.model.freeze_trunk_steps  # the trunk's own groups only then: same layout
+    groups = param_groups(model, cfg.optim.weight_decay, trunk_apart=frozen > 0)
     hp = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=1e-8)
     if plain_fp32(cfg, world, precision):  # clips and checks itself (the engine does not)
         opt = FiniteAdamW(groups, max_norm=cfg.optim.grad_clip, **hp)
     else:
         opt = torch.optim.AdamW(groups, **hp)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    f = lr_lambda(cfg, total_steps)
+    lambdas = [f, f] + [frozen_for(frozen, f)] * (len(groups) - 2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=opt,

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastcap.cider import cider_d
 from fastcap.data.captionset import CaptionSet
 from fastcap.data.images import normalize
 from fastcap.data.shapes import caption_correct
 from fastcap.data.sources import load_split_records, open_split
 from fastcap.generate import decode_texts, generate
-from fastcap.metrics import caption_metrics, shapes_accuracy
+from fastcap.metrics import caption_metrics, shapes_accuracy, simple_tokenize
 from fastcap.train.checkpoint import atomic_write
 
 log = logging.getLogger("fastcap.train")
@@ -182,10 +183,25 @@ def print_samples(res: dict[int, str], cs: CaptionSet, n: int) -> None:
         print(f"  {ok} {rec.id:>6}  {res[rec.id]!r:55}  ref: {rec.captions[0]!r}")
 
 
+def quick_scores(results: dict[int, str], cs: CaptionSet) -> dict[str, float]:
+    """CIDEr-D and BLEU-4 without Java (captions tokenised by :func:`simple_tokenize`): what
+    periodic validation selects on. CIDEr-D by :func:`fastcap.cider.cider_d`, which equals
+    pycocoevalcap's on the same tokens (tests/test_cider.py); BLEU-4 by pycocoevalcap."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    refs = {r.id: r.captions for r in cs.records if r.id in results}
+    gts = {k: [simple_tokenize(c) for c in refs[k]] for k in results}
+    res = {k: [simple_tokenize(results[k])] for k in results}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"CIDEr-D": cider_d(results, refs)[0], "BLEU-4": float(bleu[3])}
+
+
 def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) -> dict:
-    """Greedy captions of the first ``cfg.eval_samples`` val images, printed and scored."""
+    """Greedy captions of the first ``cfg.eval_samples`` val images, printed and scored
+    (:func:`score` without Java, plus :func:`quick_scores`)."""
     res, _ = decode_split(model, val, tokenizer, device=device, limit=cfg.eval_samples)
     metrics = score(res, val, full=False)
+    metrics.update(quick_scores(res, val))
     line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"\n[step {step}] val ({len(res)} images): {line}")
     print_samples(res, val, cfg.num_samples // 2)
@@ -195,9 +211,10 @@ def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) 
 FINAL_DECODINGS = (("greedy", {}), ("beam3", {"strategy": "beam", "num_beams": 3}))
 
 
-def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool) -> dict:
+def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool, tag: str = "") -> dict:
     """Every split of ``cfg.data.eval_splits``, greedy and beam-3: metrics, retrieval (once per
-    split: it does not depend on the decoding), captions files and ``metrics.json``."""
+    split: it does not depend on the decoding) and captions files ``captions_{tag}{key}.json``.
+    """
     dc, mc = cfg.data, cfg.model
     metrics: dict = {}
     for split in dc.eval_splits:
@@ -224,7 +241,7 @@ def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool) -> d
             mets["decode_seconds"] = round(time.time() - t0, 2)
             key = split if name == "greedy" else f"{split}_{name}"
             metrics[key] = mets
-            print(f"\n== {split} ({len(res)} images, {name}) ==")
+            print(f"\n== {split} ({len(res)} images, {name}{', ' + tag[:-1] if tag else ''}) ==")
             print_samples(res, cs, cfg.num_samples if name == "greedy" else 3)
             print(
                 "  "
@@ -232,7 +249,16 @@ def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool) -> d
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in mets.items()
                 )
             )
-            atomic_write(out / f"captions_{key}.json", json.dumps(coco_results(res)).encode())
+            data = json.dumps(coco_results(res)).encode()
+            atomic_write(out / f"captions_{tag}{key}.json", data)
+    return metrics
+
+
+def write_metrics(out: Path, best: dict | None, last: dict, selection: dict) -> dict:
+    """``metrics.json``: the selected weights' scores per split at the top (the best by
+    validation when selection ran, else the last), ``last`` (the last weights' scores, the
+    same dict when they are the best) and ``selection`` (metric, steps, values)."""
+    metrics = {**(best if best is not None else last), "last": last, "selection": selection}
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     print(f"\nwrote {out / 'metrics.json'}")
     return metrics

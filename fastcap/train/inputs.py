@@ -23,18 +23,31 @@ def with_tokenizer(mc: ModelConfig, tok: CaptionTokenizer) -> ModelConfig:
     return mc
 
 
-def open_run_data(cfg: TrainConfig, out: Path, *, is_main: bool, new_run: bool, progress: bool):
+def open_run_data(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    is_main: bool,
+    new_run: bool,
+    progress: bool,
+    tokenizer_from: Path | None = None,
+):
     """(tokenizer, train split, val split or None); a new run's rank 0 first writes
-    ``tokenizer.json`` and ``config.json`` (a collective call: the other ranks wait)."""
+    ``tokenizer.json`` (trained on the training captions, or a copy of ``tokenizer_from``: a
+    run that starts from another's weights keeps its vocabulary) and ``config.json`` (a
+    collective call: the other ranks wait)."""
     dc = cfg.data
     train_recs = load_split_records(dc.data, dc.train_split, dc.image_root)
     if not train_recs:
         raise ConfigError(f"{dc.data}: no images in split {dc.train_split!r}")
     tok_path = out / "tokenizer.json"
     if new_run:
-        if is_main:
+        if is_main and tokenizer_from is not None:
+            atomic_write(tok_path, Path(tokenizer_from).read_bytes())
+        elif is_main:
             captions = [c for r in train_recs for c in r.captions]
             CaptionTokenizer.train(captions, vocab_size=dc.vocab_size).save(tok_path)
+        if is_main:
             atomic_write(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
         torch.distributed.barrier()
     tok = CaptionTokenizer.load(tok_path)

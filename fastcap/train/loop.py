@@ -9,6 +9,7 @@ fp32 weights), plus ``checkpoints/`` for exact resume and ``metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -27,8 +28,10 @@ from fastcap.train import checkpoint as ckpt
 from fastcap.train import engine as eng
 from fastcap.train.collectives import any_rank
 from fastcap.train.config import ConfigError, TrainConfig, to_dict
-from fastcap.train.evaluate import final_eval, periodic_eval
+from fastcap.train.evaluate import final_eval, periodic_eval, write_metrics
 from fastcap.train.inputs import open_run_data, with_tokenizer
+from fastcap.train.scst import CiderReward, SelfCritical
+from fastcap.train.selection import BestKeeper
 from fastcap.train.signals import GracefulStop, StopRequested
 from fastcap.train.step import StepRunner
 from fastcap.train.teacher_forcing import tf_prob
@@ -39,6 +42,28 @@ log = logging.getLogger("fastcap.train")
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
+
+
+def read_init(cfg: TrainConfig) -> tuple[dict, Path]:
+    """(weights, tokenizer path) of the run ``cfg.scst.init`` that an SCST run starts from;
+    ConfigError (one line) when it is not a finished run or its weights do not fit
+    ``cfg.model``."""
+    from fastcap.runs import RunError, read_model
+
+    try:
+        state, _, tok_path, _ = read_model(cfg.scst.init)
+    except RunError as e:
+        raise ConfigError(f"--init: {e}") from None
+    tok = CaptionTokenizer.load(tok_path)
+    want = ckpt.model_shapes(with_tokenizer(cfg.model, tok))
+    got = {k: list(v.shape) for k, v in state.items()}
+    if want != got:
+        bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError(
+            f"--init {cfg.scst.init}: its weights do not fit this config's model (first "
+            f"difference: {bad[0]}); drop the model.* overrides"
+        )
+    return state, tok_path
 
 
 class Trainer:
@@ -56,6 +81,9 @@ class Trainer:
             ckpt.check_compatible(self.resume, self.resume_tag, shapes, layout)
             cfg.out = str(self.resume)
         check_spec(cfg.data.data, cfg.data.image_root)
+        self.init = None
+        if cfg.scst.enabled and self.resume is None:  # the starting weights, checked now
+            self.init = read_init(cfg)
         ops = ("attention", "siglip", "lce") + (("moe",) if cfg.model.moe.enabled else ())
         try:  # a FASTCAP_KERNELS value that cannot run here fails now, not at the first step
             dispatch.validate(ops, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,10 +118,14 @@ class Trainer:
             is_main=self.is_main,
             new_run=self.resume is None,
             progress=self.progress,
+            tokenizer_from=None if self.init is None else self.init[1],
         )
         mc = cfg.model
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = Captioner(mc)
+        if self.init is not None:
+            self.model.load_state_dict(self.init[0])
+            self.init = None  # the engine holds them from here
         self.n_params = param_count(self.model)  # before ZeRO-3 partitions them away
         self.shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         self.precision = eng.resolve_precision(cfg, self.device)
@@ -116,6 +148,10 @@ class Trainer:
             grad_accum=cfg.grad_accum,
             device=self.device,
             dtype=eng.DTYPES[self.precision],
+            objective_for=self._scst_objective() if cfg.scst.enabled else None,
+        )
+        self.best = BestKeeper(
+            self.out, cfg.select_metric, to_dict(cfg)["model"], self.out / "tokenizer.json"
         )
         self.tf_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.step, self.epoch, self.batch_pos, self._fault_streak = 0, 0, 0, 0
@@ -182,9 +218,7 @@ class Trainer:
         m = self.eval_model()
         metrics = {}
         if self.is_main:
-            metrics = final_eval(
-                m, self.tok, device=self.device, cfg=self.cfg, out=self.out, progress=self.progress
-            )
+            metrics = self._final_eval(m)
             print(f"bad records skipped in {self.cfg.data.train_split}: {len(self.train.bad)}")
         torch.distributed.barrier()
         self.tracker.finish(metrics, len(self.train.bad))
@@ -238,6 +272,8 @@ class Trainer:
             else:
                 self.epoch, self.batch_pos = self.epoch + 1, 0
         self.tracker.close_bar()
+        if self.best.active and self.best.step != self.step:
+            self._periodic_eval()  # the last weights are candidates for best/ too
 
     def train_step(self, batch: Batch) -> dict:
         """One optimiser step (see :class:`fastcap.train.step.StepRunner`) and the fault
@@ -266,20 +302,77 @@ class Trainer:
     def eval_model(self) -> Captioner:
         """A plain (hook-free) copy of the current weights for decoding, in the training
         precision (what the run would be judged on, not a silent fp32 copy); collective."""
-        state = eng.full_state_dict(self.engine)
-        with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
-            m = Captioner(self.cfg.model).to(self.device)
-        m.load_state_dict(state)
-        return m.to(eng.DTYPES[self.precision]).eval()
+        return self._model_from(eng.full_state_dict(self.engine))
 
     def _periodic_eval(self) -> None:
+        """Val scores of the current weights, logged; the best by ``select_metric`` kept."""
         if self.val is None:
             return
-        m = self.eval_model()
+        state = eng.full_state_dict(self.engine)  # a collective: every rank gathers
+        m = self._model_from(state)
         if self.is_main:
             metrics = periodic_eval(
                 m, self.val, self.tok, device=self.device, step=self.step, cfg=self.cfg
             )
-            self.tracker.log_wandb(self.step, {f"val/{k}": v for k, v in metrics.items()})
-        del m
+            if self.best.offer(self.step, metrics, state):
+                print(f"  best {self.cfg.select_metric} so far: kept in {self.best.dir}")
+            self.tracker.log_eval(self.step, {f"val/{k}": v for k, v in metrics.items()})
+        del m, state
         torch.distributed.barrier()
+
+    def _final_eval(self, last: Captioner) -> dict:
+        """Test scores of the best weights by validation and of the last ones (rank 0)."""
+        cfg, kw = self.cfg, {"device": self.device, "progress": self.progress}
+        selection = {
+            "metric": cfg.select_metric,
+            "best_step": self.best.step,
+            "last_step": self.step,
+        }
+        if self.best.step is not None:
+            selection["best_val"] = self.best.value
+        if self.best.step is None or self.best.step == self.step:
+            scores = final_eval(last, self.tok, cfg=cfg, out=self.out, **kw)
+            return write_metrics(self.out, None, scores, {**selection, "scored": "last"})
+        from fastcap.bundle import read_bundle
+
+        best = self._model_from(read_bundle(self.best.dir)[0])
+        print(f"\nscoring the best weights (step {self.best.step}) and the last (step {self.step})")
+        best_scores = final_eval(best, self.tok, cfg=cfg, out=self.out, **kw)
+        last_scores = final_eval(last, self.tok, cfg=cfg, out=self.out, tag="last_", **kw)
+        return write_metrics(self.out, best_scores, last_scores, {**selection, "scored": "best"})
+
+    def _model_from(self, state: dict) -> Captioner:
+        """A plain copy of ``state`` for decoding, in the training precision."""
+        # the trained weights replace the trunk's initial ones: never re-read trunk_weights
+        mc = dataclasses.replace(self.cfg.model, trunk_weights=None)
+        with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG
+            m = Captioner(mc).to(self.device)
+        m.load_state_dict(state)
+        return m.to(eng.DTYPES[self.precision]).eval()
+
+    # ------------------------------------------------------------------ SCST
+    def _scst_objective(self):
+        """micro-batch -> its :class:`SelfCritical` objective, rewarded by CIDEr-D against the
+        training references; sampling seeded by (seed, step, rank, micro-batch), so a resumed
+        run draws the same captions."""
+        sc, cfg = self.cfg.scst, self.cfg
+        refs = {r.id: r.captions for r in self.train.records}
+        reward = CiderReward(refs, self.tok)
+        lambda_aux = cfg.model.lambda_aux if cfg.model.moe.enabled else 0.0
+
+        def objective_for(mb) -> SelfCritical:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(((cfg.seed * 1_000_003 + self.step) * 1009 + self.rank) * 64 + mb.index)
+            return SelfCritical(
+                reward,
+                mb.ids,
+                samples=sc.samples,
+                baseline=sc.baseline,
+                temperature=sc.temperature,
+                top_p=sc.top_p,
+                max_new_tokens=sc.max_new_tokens or None,
+                lambda_aux=lambda_aux,
+                generator=gen,
+            )
+
+        return objective_for

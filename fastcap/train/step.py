@@ -33,6 +33,7 @@ class Micro:
     images: torch.Tensor  # (b, 3, S, S) normalised, in the engine's dtype
     tokens: torch.Tensor  # (b, L), L = the longest caption of the slice
     lens: torch.Tensor  # (b,)
+    ids: list[int]  # the images' record ids
 
 
 def micro_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -48,20 +49,40 @@ def to_micro(batch: Batch, index: int, lo: int, hi: int, device, dtype) -> Micro
     L = int(lens.max())
     images = normalize(batch.images[lo:hi].to(device, non_blocking=True))
     images = images.to(dtype)  # a bf16/fp16 engine's first convolution wants its own dtype
-    return Micro(index, images, batch.tokens[lo:hi, :L].to(device), lens.to(device))
+    tokens = batch.tokens[lo:hi, :L].to(device)
+    return Micro(index, images, tokens, lens.to(device), batch.ids[lo:hi])
 
 
-def forward_micro(engine, mb: Micro, p: float, generator, capture: bool) -> dict:
-    """The engine's forward (every loss) of one micro-batch; the fault tests wrap this."""
-    return engine(mb.images, mb.tokens, mb.lens, tf_p=p, generator=generator, capture=capture)
+def forward_micro(engine, mb: Micro, p: float, generator, capture: bool, objective=None) -> dict:
+    """The engine's forward (every loss, or ``objective``'s) of one micro-batch; the fault
+    tests wrap this."""
+    return engine(
+        mb.images,
+        mb.tokens,
+        mb.lens,
+        tf_p=p,
+        generator=generator,
+        capture=capture,
+        objective=objective,
+    )
 
 
 class StepRunner:
     """Runs optimiser steps of one engine; ``device`` serves the process group's collectives,
-    ``dtype`` is the engine's parameter dtype."""
+    ``dtype`` is the engine's parameter dtype; ``objective_for(micro)``, if given, makes the
+    training objective of each micro-batch (SCST), else the model's own losses are used."""
 
-    def __init__(self, engine, *, grad_accum: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        engine,
+        *,
+        grad_accum: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        objective_for=None,
+    ):
         self.engine, self.parts, self.device, self.dtype = engine, grad_accum, device, dtype
+        self.objective_for = objective_for
 
     def _stand_in(self, batch: Batch, p: float, poison: bool) -> None:
         """Forward + backward of one blank sample at weight 0. ``poison`` (no micro-batch of
@@ -75,10 +96,13 @@ class StepRunner:
         self.engine.step()
 
     def run(self, batch: Batch, *, p: float, generator, capture: bool, step: int) -> dict:
-        """One optimiser step (``step`` is its 1-based number, for messages). Returns the
+        """One optimiser step (``step`` is its 1-based number, for messages and for freezing
+        the trunk through step ``model.freeze_trunk_steps``). Returns the
         batch-mean terms averaged over ranks, the LR the update used, and ``fault/...``."""
         engine = self.engine
         engine.train()
+        if hasattr(vision := getattr(engine.module, "vision", None), "trunk_frozen"):
+            vision.trunk_frozen = step <= vision.cfg.freeze_trunk_steps  # model.freeze_trunk_steps
         lr = engine.get_lr()[0]  # read before the scheduler moves on
         n = len(batch.ids)
         logs: dict = {}
@@ -89,10 +113,11 @@ class StepRunner:
                 self._stand_in(batch, p, poison)
                 continue
             mb = to_micro(batch, a, lo, hi, self.device, self.dtype)
-            out = forward_micro(engine, mb, p, generator, capture and a == 0)
+            objective = self.objective_for(mb) if self.objective_for else None
+            out = forward_micro(engine, mb, p, generator, capture and a == 0, objective)
             if not all_finite(out["loss"], self.device):  # a vote: every rank skips together
                 skipped += 1
-                terms = {k: float(out[k]) for k in ("ce", "clip", "aux")}
+                terms = {k: float(out[k]) for k in ("loss", "ce", "clip", "aux") if k in out}
                 log.warning("step %d: non-finite loss %s; micro-batch skipped", step, terms)
                 logs.update({f"fault/{k}": v for k, v in terms.items()})
                 del out  # its graph holds non-finite activations: never backward through it
@@ -116,7 +141,9 @@ class StepRunner:
             # the engine discarded the update (nothing usable, or a non-finite gradient):
             # the schedule still advances with the step count, as in a run without the fault
             engine.lr_scheduler.step()
-        keys = [k for k in TERMS if k != "logit_scale"]
+        # every rank ran the same objective (and skipped the same micro-batches: a vote), so
+        # all hold the same keys
+        keys = sorted(k for k in logs if k != "logit_scale" and not k.startswith("fault/"))
         logs.update(zip(keys, mean_over_ranks([logs[k] for k in keys], self.device)))
         logs.update({"lr": lr, "fault/skipped": float(skipped)})
         return logs

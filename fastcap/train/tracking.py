@@ -50,7 +50,7 @@ def step_scalars(out: dict, model, engine, device: torch.device) -> dict:
         if isinstance(layer.ffn, MoE) and layer.ffn.last_load is not None:
             for e, share in enumerate(layer.ffn.last_load.tolist()):
                 rec[f"expert_load/dec{i}/e{e}"] = share
-    rec.update({k: v for k, v in out.items() if k.startswith("diag/")})
+    rec.update({k: v for k, v in out.items() if k.startswith(("diag/", "scst/"))})
     return rec
 
 
@@ -81,9 +81,12 @@ class Tracker:
         if self.bar is None:
             return
         if rec is not None:
+            figure = (
+                ("reward", rec["scst/reward"]) if "scst/reward" in rec else ("ce", rec["loss/ce"])
+            )
             self.bar.set_postfix(
                 loss=f"{rec['loss/total']:.3f}",
-                ce=f"{rec['loss/ce']:.3f}",
+                **{figure[0]: f"{figure[1]:.3f}"},
                 img_s=f"{rec['perf/images_per_s']:.0f}",
                 tok_s=f"{rec['perf/tokens_per_s']:.0f}",
                 refresh=False,
@@ -107,6 +110,14 @@ class Tracker:
     def log_wandb(self, step: int, rec: dict) -> None:
         if self.wandb is not None:
             self.wandb.log(rec, step=step)
+
+    def log_eval(self, step: int, rec: dict) -> None:
+        """Periodic validation scores: W&B and one JSON line in RUN/eval_log.jsonl."""
+        if not self.active:
+            return
+        self.log_wandb(step, rec)
+        with open(self.out / "eval_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in rec.items()}}) + "\n")
 
     def finish(self, metrics: dict, bad_records: int) -> None:
         if self.wandb is not None:

@@ -1,0 +1,71 @@
+"""Model selection: the weights with the best periodic validation score, kept in ``RUN/best/``.
+
+``best/`` is an inference bundle (:mod:`fastcap.bundle`: ``model.safetensors``,
+``model_config.json``, ``tokenizer.json``, so ``fastcap.load(RUN/best)`` and ``fastcap-caption``
+read it) plus ``best.json`` (step, metric, value, the validation scores). It is replaced
+whole: written to ``best.tmp/``, then renamed, so a crash leaves the previous best intact.
+On resume the kept value is read back, so selection continues where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fastcap.bundle import write_bundle
+
+BEST = "best"
+META = "best.json"
+
+
+class BestKeeper:
+    """Keeps ``out/best`` for the highest ``metric`` seen (``none``: keeps nothing)."""
+
+    def __init__(self, out: Path, metric: str, model_config: dict, tokenizer_path: Path):
+        self.dir, self.metric = out / BEST, metric
+        self.model_config, self.tokenizer_path = model_config, tokenizer_path
+        self.step: int | None = None
+        self.value = -math.inf
+        old = self.dir.with_name(BEST + ".old")
+        if old.is_dir() and not self.dir.exists():  # stopped between the two renames
+            os.replace(old, self.dir)
+        meta = self.dir / META
+        if meta.is_file():  # a resumed run: the best so far stands
+            kept = json.loads(meta.read_text())
+            if kept.get("metric") == metric:
+                self.step, self.value = int(kept["step"]), float(kept["value"])
+
+    @property
+    def active(self) -> bool:
+        return self.metric != "none"
+
+    def offer(self, step: int, metrics: dict, state: dict[str, torch.Tensor]) -> bool:
+        """Keep ``state`` if its ``metrics[metric]`` beats the best so far; True if kept."""
+        if not self.active:
+            return False
+        if self.metric not in metrics:
+            raise KeyError(
+                f"select_metric {self.metric!r} is not among the validation scores "
+                f"({', '.join(sorted(metrics))}); set select_metric to one of them or none"
+            )
+        value = float(metrics[self.metric])
+        if not value > self.value:  # ties keep the earlier weights; NaN never wins
+            return False
+        tmp = self.dir.with_name(BEST + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_bundle(state, self.model_config, self.tokenizer_path, tmp)
+        meta = {"step": step, "metric": self.metric, "value": value, "val": metrics}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        old = self.dir.with_name(BEST + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.step, self.value = step, value
+        return True
