@@ -714,25 +714,77 @@ def attention_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops (torch.library), so that torch.compile traces through the op without a graph break
 # ----------------------------------------------------------------------------------------------
+# The op bodies are opaque to dynamo: the Triton launches and the autotuner run inside them. The
+# fake (meta) implementations give every output's shape, dtype and strides without touching data,
+# which is all that tracing needs. The forward op returns what the backward needs (out and lse);
+# the backward is an op of its own, so a compiled backward graph calls it too.
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, kv_lens, rope_theta, scale):
-        out, lse = attention_fwd(
-            q, k, v, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, kv_lens)
-        ctx.opts = {"causal": causal, "rope_theta": rope_theta, "scale": scale}
-        return out
+@torch.library.custom_op("fastcap::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_lens: Tensor | None,
+    causal: bool,
+    rope_theta: float | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    # out (B, H, Lq, D) contiguous in q's dtype; lse (B, H, Lq) fp32, fresh tensors
+    return attention_fwd(
+        q, k, v, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale
+    )
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, kv_lens = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, out, lse, kv_lens=kv_lens, **ctx.opts)
-        return dq, dk, dv, None, None, None, None
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, kv_lens, causal, rope_theta, scale):
+    _check(q, rope_theta)  # the same ValueError at trace time as at run time
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcap::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_lens: Tensor | None,
+    causal: bool,
+    rope_theta: float | None,
+    scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # dq, dk, dv: contiguous, in the shapes and dtypes of q, k, v
+    return attention_bwd(
+        do, q, k, v, out, lse, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale
+    )
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, kv_lens, causal, rope_theta, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, kv_lens, causal, rope_theta, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+    ctx.opts = (causal, rope_theta, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, do, _dlse):
+    # _dlse: lse is non-differentiable; nothing flows back through it
+    q, k, v, out, lse, kv_lens = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, out, lse, kv_lens, *ctx.opts)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,7 +816,9 @@ def attention(
     Returns:
         (B, H, Lq, D) in q's dtype; rows that see no key are 0, and their gradients are 0.
     """
-    return _Attention.apply(q, k, v, causal, kv_lens, rope_theta, scale)
+    rope_theta = None if rope_theta is None else float(rope_theta)
+    scale = None if scale is None else float(scale)
+    return _attention_fwd_op(q, k, v, kv_lens, bool(causal), rope_theta, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -250,34 +250,70 @@ def lce_forward(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd
+# Custom op (torch.library): torch.compile traces through it without a graph break
 # --------------------------------------------------------------------------------------------
+# The op body (the chunk loop, the kernel, the matmuls) is opaque to dynamo; the fake
+# implementation gives the outputs' shapes and dtypes from the inputs' sizes alone. The
+# forward op returns the loss and the two gradients for grad_output = 1; the backward only
+# scales them, which is plain torch arithmetic that traces as it is, so it needs no op.
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, label_smoothing, need_h, need_w, chunk):
-        loss, grad_h, grad_w = lce_forward(
-            h,
-            weight,
-            targets,
-            ignore_index,
-            label_smoothing,
-            need_h=need_h,
-            need_weight=need_w,
-            chunk_size=chunk,
-        )
-        # Only the precomputed gradients are saved, never h or the (ZeRO-3) weight.
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
+@torch.library.custom_op("fastcap::lce_fwd", mutates_args=())
+def _lce_fwd_op(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    need_h: bool,
+    need_weight: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss 0-d fp32, d loss / d h (N, d) in h's dtype, d loss / d weight (V, d) in weight's
+    dtype), both gradients contiguous; one not asked for is an empty (0,) tensor."""
+    loss, grad_h, grad_w = lce_forward(
+        h,
+        weight,
+        targets,
+        ignore_index,
+        label_smoothing,
+        need_h=need_h,
+        need_weight=need_weight,
+        chunk_size=chunk_size,
+    )
+    # a gradient not asked for: an empty tensor of its own (outputs may not alias each other)
+    grad_h = h.new_empty(0) if grad_h is None else grad_h
+    return loss, grad_h, h.new_empty(0) if grad_w is None else grad_w
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        # out of place: a second backward (retain_graph) must see the unscaled gradients
-        dh = grad_h * grad_out if grad_h is not None else None
-        dw = grad_w * grad_out if grad_w is not None else None
-        return dh, dw, None, None, None, None, None, None
+
+@_lce_fwd_op.register_fake
+def _(h, weight, targets, ignore_index, label_smoothing, need_h, need_weight, chunk_size):
+    return (
+        h.new_empty((), dtype=torch.float32),
+        h.new_empty(h.shape) if need_h else h.new_empty(0),
+        weight.new_empty(weight.shape) if need_weight else h.new_empty(0),
+    )
+
+
+def _lce_setup(ctx, inputs, output):
+    need_h, need_w = inputs[5:7]
+    _, grad_h, grad_w = output
+    ctx.mark_non_differentiable(grad_h, grad_w)
+    # Only the precomputed gradients are saved, never h or the (ZeRO-3) weight; None, not the
+    # empty placeholder, for one not asked for.
+    ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+
+
+def _lce_backward(ctx, grad_out, _dgrad_h, _dgrad_w):
+    # _dgrad_h, _dgrad_w: the saved gradients are non-differentiable outputs
+    grad_h, grad_w = ctx.saved_tensors  # None where need_h / need_weight was False
+    # out of place: a second backward (retain_graph) must see the unscaled gradients
+    dh = grad_h * grad_out if grad_h is not None else None
+    dw = grad_w * grad_out if grad_w is not None else None
+    return dh, dw, None, None, None, None, None, None
+
+
+_lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +345,7 @@ def linear_cross_entropy(
         their dtypes; they are computed in the forward.
     """
     grad_on = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(
+    return _lce_fwd_op(
         h,
         weight,
         targets,
@@ -318,7 +354,7 @@ def linear_cross_entropy(
         grad_on and h.requires_grad,
         grad_on and weight.requires_grad,
         chunk_size,
-    )
+    )[0]
 
 
 # --------------------------------------------------------------------------------------------

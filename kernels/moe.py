@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
 
-from fastcap.common.moe_align import load_extension, moe_align
+from fastcap.common.moe_align import load_extension, max_padded, moe_align
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -140,14 +141,23 @@ def _gate_up_kernel(
     pid_m = tl.program_id(0) // n_tiles
     pid_n = tl.program_id(0) % n_tiles
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
-    if e < 0:
-        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if e < 0:
+        # An unused block: A and H are outputs of the op (saved for backward), so they hold
+        # zeros here rather than stale memory. Only these rows are written, not the buffers.
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=a_ptr.dtype.element_ty)
+        rows0 = offs_m.to(tl.int64)[:, None]
+        tl.store(a_ptr + rows0 * stride_am + offs_n[None, :], zero, mask=n_ok[None, :])
+        if SAVE_H:
+            h_ptrs0 = h_ptr + rows0 * stride_hm + offs_n[None, :]
+            tl.store(h_ptrs0, zero.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+            tl.store(h_ptrs0 + N, zero.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+        return
     pair = tl.load(sorted_ptr + offs_m)
     row_ok = pair < num_pairs
     tok = (pair // TOP_K).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
     g_ptrs = w13_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
@@ -499,44 +509,148 @@ def _backward(dout, x, w13, w2, topk_ids, topk_weights, saved, needs, launch=_la
     return dx, dw13, dw2, dtw
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- custom ops
+# torch.library ops, so that torch.compile traces through moe_ffn without a graph break: the op
+# bodies (alignment, Triton launches, autotuning) are opaque to dynamo, and the fake
+# implementations give each output's shape, dtype and strides from the sizes alone. The forward
+# op returns everything the backward op needs; the backward is an op of its own.
 
 
-class _MoEFFN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w13, w2, topk_ids, topk_weights, align_impl):
+def _empty_outputs(x: Tensor, f: int) -> tuple[Tensor, ...]:
+    """The forward op's aux outputs for T = 0: no slot, no block."""
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return torch.empty(0, **i32), torch.empty(0, **i32), x.new_empty(0, f), x.new_empty(0, 2 * f)
+
+
+@torch.library.custom_op("fastcap::moe_ffn_fwd", mutates_args=())
+def _moe_fwd_op(
+    x: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    align_impl: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """out (T, d) in x's dtype, then what backward needs: sorted_ids (S,) and expert_ids
+    (S / BLOCK_M,) int32 from moe_align, A (S, f) and H (S, 2f) in x's dtype (H is (0, 2f)
+    unless ``save``). S = max_padded(T * k, E, BLOCK_M): sizes only, so the fake can know it."""
+    f = w2.shape[1]
+    if x.shape[0] == 0:
+        # Nothing to route and no block to launch (T is only known here under compile).
+        return (x.new_zeros(x.shape), *_empty_outputs(x, f))
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    topk_weights = topk_weights.contiguous()
+    out, (sorted_ids, expert_ids, _, a, h) = _forward(
+        x, w13, w2, topk_ids, topk_weights, align_impl, save
+    )
+    return out, sorted_ids, expert_ids, a, h if save else x.new_empty(0, 2 * f)
+
+
+@_moe_fwd_op.register_fake
+def _(x, w13, w2, topk_ids, topk_weights, align_impl, save):
+    T, d = x.shape
+    E, f = w2.shape[0], w2.shape[1]
+    P = T * topk_ids.shape[1]
+    if has_free_unbacked_symbols(P):
+        # T is data-dependent (the model routes x[valid]): S and the block count are then
+        # unknown sizes too (BLOCK_M depends on T * k / E), new unbacked symbols of their own.
+        ctx = torch.library.get_ctx()
+        S, nblk = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    else:
+        bm = _block_m(P, E)
+        S = max_padded(P, E, bm)
+        nblk = S // bm
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (
+        x.new_empty(T, d),
+        torch.empty(S, **i32),
+        torch.empty(nblk, **i32),
+        x.new_empty(S, f),
+        x.new_empty(S if save else 0, 2 * f),
+    )
+
+
+@torch.library.custom_op("fastcap::moe_ffn_bwd", mutates_args=())
+def _moe_bwd_op(
+    dout: Tensor,
+    x: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    sorted_ids: Tensor,
+    expert_ids: Tensor,
+    a: Tensor,
+    h: Tensor,
+    need_x: bool,
+    need_w13: bool,
+    need_w2: bool,
+    need_tw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx (T, d), dw13 (E, d, 2f), dw2 (E, f, d), d topk_weights (T, k)), each contiguous in
+    its input's dtype; a gradient not asked for is an empty (0,) tensor. The rest are the
+    forward op's inputs and aux outputs."""
+    needs = (need_x, need_w13, need_w2, need_tw)
+    if x.shape[0] == 0:  # the reference's zero gradients (and nothing to launch)
+        grads = [x.new_zeros(x.shape), w13.new_zeros(w13.shape), w2.new_zeros(w2.shape)]
+        grads.append(topk_weights.new_zeros(topk_weights.shape))
+    else:
+        if h.shape[0] != a.shape[0]:  # the kernels would read H out of bounds
+            raise ValueError("moe_ffn_bwd: needs H, the forward op's output with save=True")
         x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
         topk_weights = topk_weights.contiguous()
-        # needs_input_grad is already False for every input when grad mode is off.
-        save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
-        out, saved = _forward(x, w13, w2, topk_ids, topk_weights, align_impl, save)
-        if save:
-            sorted_ids, expert_ids, bm, a, h = saved
-            # The Parameters themselves are saved (ZeRO-3 gathers them again for backward).
-            ctx.save_for_backward(x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h)
-            ctx.bm = bm
-        return out
+        bm = sorted_ids.numel() // expert_ids.numel()
+        saved = (sorted_ids, expert_ids, bm, a, h)
+        grads = _backward(dout.contiguous(), x, w13, w2, topk_ids, topk_weights, saved, needs)
+    return tuple(g if need else x.new_empty(0) for g, need in zip(grads, needs))
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
-        dx, dw13, dw2, dtw = _backward(
-            dout.contiguous(), x, w13, w2, topk_ids, topk_weights,
-            (sorted_ids, expert_ids, ctx.bm, a, h), needs,
-        )  # fmt: skip
-        return dx, dw13, dw2, None, dtw, None
+
+@_moe_bwd_op.register_fake
+def _(dout, x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h, *needs):
+    refs = (x, w13, w2, topk_weights)
+    return tuple(
+        torch.empty(r.shape if need else (0,), dtype=r.dtype if need else x.dtype, device=x.device)
+        for r, need in zip(refs, needs)
+    )
+
+
+def _moe_setup(ctx, inputs, output):
+    x, w13, w2, topk_ids, topk_weights, align_impl, save = inputs
+    _, sorted_ids, expert_ids, a, h = output
+    # The Parameters themselves are saved (ZeRO-3 gathers them again for backward).
+    ctx.save_for_backward(x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h)
+    ctx.mark_non_differentiable(sorted_ids, expert_ids, a, h)
+    ctx.align_impl, ctx.save = align_impl, save
+
+
+def _moe_backward(ctx, dout, *_aux):
+    # _aux: the aux outputs are non-differentiable; nothing flows back through them
+    x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4)]
+    if not ctx.save:  # the op was called without H (moe_ffn never does that): recompute it
+        _, sorted_ids, expert_ids, a, h = _moe_fwd_op(
+            x, w13, w2, topk_ids, topk_weights, ctx.align_impl, True
+        )
+    grads = _moe_bwd_op(
+        dout, x, w13, w2, topk_ids, topk_weights, sorted_ids, expert_ids, a, h, *needs
+    )
+    dx, dw13, dw2, dtw = (g if need else None for g, need in zip(grads, needs))
+    return dx, dw13, dw2, None, dtw, None, None
+
+
+_moe_fwd_op.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 
 # ----------------------------------------------------------------------------- public
 
 
 def _moe(x, w13, w2, topk_ids, topk_weights, align_impl: str) -> Tensor:
-    if x.shape[0] == 0:
-        # Nothing to route (and no block to launch): the (0, d) output, with a zero gradient to
-        # every input, as the reference gives.
-        return torch.zeros_like(x) + 0 * (w13.sum() + w2.sum() + topk_weights.sum()).to(x.dtype)
-    return _MoEFFN.apply(x, w13, w2, topk_ids, topk_weights, align_impl)
+    # T = 0 is handled inside the ops (a (0, d) output, zero gradients, as the reference gives):
+    # under compile T may be a data-dependent size, and a branch on it here would not trace.
+    # H is saved only when some input needs a gradient (requires_grad is static under compile).
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w13, w2, topk_weights))
+    return _moe_fwd_op(x, w13, w2, topk_ids, topk_weights, align_impl, save)[0]
 
 
 def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:

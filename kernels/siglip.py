@@ -299,7 +299,7 @@ def _siglip_bwd_pass(
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd
+# Width padding
 # --------------------------------------------------------------------------------------------
 
 
@@ -314,44 +314,121 @@ def _pad_width(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x.contiguous()
 
 
-class _SigLIPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, img, txt, logit_scale, logit_bias, offset: int, denom: float):
-        # the kernel reads the two scalars through pointers: a CPU scalar beside CUDA
-        # embeddings would be an illegal address, not an error
-        if not (img.device == txt.device == logit_scale.device == logit_bias.device):
-            raise ValueError(
-                f"siglip_loss: all four inputs must share a device; got img {img.device}, txt "
-                f"{txt.device}, logit_scale {logit_scale.device}, logit_bias {logit_bias.device}"
-            )
-        ctx.width = img.shape[1]
-        img, txt = _pad_width(img), _pad_width(txt)
-        loss = _siglip_fwd(img, txt, logit_scale, logit_bias, offset, denom)
-        # The Parameters themselves are saved (ZeRO-3 gathers them again for backward).
-        ctx.save_for_backward(img, txt, logit_scale, logit_bias)
-        ctx.offset, ctx.denom = offset, denom
-        return loss
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.library): torch.compile traces through them without a graph break
+# --------------------------------------------------------------------------------------------
+# The op bodies (padding, launches, host sums) are opaque to dynamo; the fake implementations
+# give the outputs' shapes, dtypes and strides from the inputs' sizes alone. offset and denom
+# are schema arguments. Nothing but the inputs is saved: the backward op pads them again
+# (O(B d), against the loss's O(B^2 d)), so no output of the forward aliases an input.
 
-    @staticmethod
-    def backward(ctx, grad):
-        img, txt, logit_scale, logit_bias = ctx.saved_tensors
-        grad = grad.float().contiguous()
-        d_img = d_txt = d_scale = d_bias = None
-        need_img, need_txt, need_scale, need_bias = ctx.needs_input_grad[:4]
-        if need_img or need_scale or need_bias:
-            d_img, dt, db = _siglip_bwd_pass(
-                img, txt, logit_scale, logit_bias, grad, ctx.offset, ctx.denom, partials=True
-            )
-            d_scale = dt.sum().to(logit_scale.dtype) if need_scale else None
-            d_bias = db.sum().to(logit_bias.dtype) if need_bias else None
-            d_img = d_img[:, : ctx.width] if need_img else None
-        if need_txt:
-            # transposed problem: text j is positive with image j - offset
-            d_txt, _, _ = _siglip_bwd_pass(
-                txt, img, logit_scale, logit_bias, grad, -ctx.offset, ctx.denom, partials=False
-            )
-            d_txt = d_txt[:, : ctx.width]
-        return d_img, d_txt, d_scale, d_bias, None, None
+
+def _check_devices(img, txt, logit_scale, logit_bias) -> None:
+    # the kernel reads the two scalars through pointers: a CPU scalar beside CUDA embeddings
+    # would be an illegal address, not an error
+    if not (img.device == txt.device == logit_scale.device == logit_bias.device):
+        raise ValueError(
+            f"siglip_loss: all four inputs must share a device; got img {img.device}, txt "
+            f"{txt.device}, logit_scale {logit_scale.device}, logit_bias {logit_bias.device}"
+        )
+
+
+@torch.library.custom_op("fastcap::siglip_fwd", mutates_args=())
+def _siglip_fwd_op(
+    img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int, denom: float
+) -> Tensor:
+    """The 0-d fp32 loss of images (M, d) against texts (N, d), positives at j = i + offset."""
+    _check_devices(img, txt, logit_scale, logit_bias)
+    return _siglip_fwd(_pad_width(img), _pad_width(txt), logit_scale, logit_bias, offset, denom)
+
+
+@_siglip_fwd_op.register_fake
+def _(img, txt, logit_scale, logit_bias, offset, denom):
+    return img.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcap::siglip_bwd", mutates_args=())
+def _siglip_bwd_op(
+    grad: Tensor,
+    img: Tensor,
+    txt: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    offset: int,
+    denom: float,
+    rows: bool,
+    cols: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d img (M, d), d txt (N, d), d logit_scale, d logit_bias (0-d, their dtypes)).
+
+    ``rows``: the pass over image rows, which gives d img and both scalar gradients; ``cols``:
+    the pass over text rows, for d txt. A pass not run gives empty (0,) tensors. The two
+    embedding gradients are column slices [:, :d] of a width padded to a multiple of 16, so
+    their row stride is that padded width (:func:`_grad_rows_like`)."""
+    grad = grad.float().contiguous()
+    width = img.shape[1]
+    img, txt = _pad_width(img), _pad_width(txt)
+    # a pass not run: one empty tensor per output (outputs may not alias each other)
+    d_img, d_txt, d_scale, d_bias = (img.new_empty(0) for _ in range(4))
+    if rows:
+        d_img, dt, db = _siglip_bwd_pass(
+            img, txt, logit_scale, logit_bias, grad, offset, denom, partials=True
+        )
+        d_img = d_img[:, :width]
+        d_scale = dt.sum().to(logit_scale.dtype)
+        d_bias = db.sum().to(logit_bias.dtype)
+    if cols:
+        # transposed problem: text j is positive with image j - offset
+        d_txt, _, _ = _siglip_bwd_pass(
+            txt, img, logit_scale, logit_bias, grad, -offset, denom, partials=False
+        )
+        d_txt = d_txt[:, :width]
+    return d_img, d_txt, d_scale, d_bias
+
+
+def _grad_rows_like(x: Tensor) -> Tensor:
+    """An empty (B, d) in x's dtype with the row stride of the padded width, as the backward
+    op returns its embedding gradients."""
+    B, d = x.shape
+    return torch.empty_strided((B, d), (d + (-d % 16), 1), dtype=x.dtype, device=x.device)
+
+
+@_siglip_bwd_op.register_fake
+def _(grad, img, txt, logit_scale, logit_bias, offset, denom, rows, cols):
+    none = lambda: img.new_empty(0)
+    return (
+        _grad_rows_like(img) if rows else none(),
+        _grad_rows_like(txt) if cols else none(),
+        logit_scale.new_empty(()) if rows else none(),
+        logit_bias.new_empty(()) if rows else none(),
+    )
+
+
+def _siglip_setup(ctx, inputs, output):
+    img, txt, logit_scale, logit_bias, offset, denom = inputs
+    # The Parameters themselves are saved (ZeRO-3 gathers them again for backward).
+    ctx.save_for_backward(img, txt, logit_scale, logit_bias)
+    ctx.offset, ctx.denom = offset, denom
+
+
+def _siglip_backward(ctx, grad):
+    img, txt, logit_scale, logit_bias = ctx.saved_tensors
+    need_img, need_txt, need_scale, need_bias = ctx.needs_input_grad[:4]
+    rows = need_img or need_scale or need_bias
+    d_img, d_txt, d_scale, d_bias = _siglip_bwd_op(
+        grad, img, txt, logit_scale, logit_bias, ctx.offset, ctx.denom, rows, need_txt
+    )
+    return (
+        d_img if need_img else None,
+        d_txt if need_txt else None,
+        d_scale if need_scale else None,
+        d_bias if need_bias else None,
+        None,
+        None,
+    )
+
+
+_siglip_fwd_op.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,12 +449,12 @@ def siglip_loss_rect(
             f"siglip_loss_rect: need 0 <= offset and M + offset <= N; got "
             f"M={img.shape[0]}, N={txt.shape[0]}, offset={offset}"
         )
-    return _SigLIPFunction.apply(img, txt, logit_scale, logit_bias, int(offset), float(denom))
+    return _siglip_fwd_op(img, txt, logit_scale, logit_bias, int(offset), float(denom))
 
 
 def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
     """See :func:`fastcap.ops.siglip_loss`: img, txt (B, d); 0-d scale and bias; 0-d fp32 loss."""
-    return _SigLIPFunction.apply(img, txt, logit_scale, logit_bias, 0, float(img.shape[0]))
+    return _siglip_fwd_op(img, txt, logit_scale, logit_bias, 0, float(img.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------

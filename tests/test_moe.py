@@ -2,6 +2,7 @@
 x, w13, w2 and topk_weights, in the interpreter on CPU (fp32, fp16) and on GPU (also bf16)."""
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -54,6 +55,10 @@ def rel_err(a, b):
 
 
 def compare(fn, T, d, f, E, k, routing, dtype):
+    # Each case draws from its own fixed seed: from the unseeded global RNG (the order tests
+    # ran in), T=1's d topk_weights, one dot product of 24 terms, failed 2 seeds in 300 at
+    # 5.4e-6 against fp32's 4e-6 floor (cancellation the fp32 reference happened to avoid).
+    torch.manual_seed(zlib.crc32(repr((T, d, f, E, k, routing, str(dtype))).encode()))
     x, w13, w2, ids, tw = draw(T, d, f, E, k, routing, dtype)
     dout = torch.randn(T, d, device=DEVICE, dtype=dtype)
     got = run(fn, x, w13, w2, ids, tw, dout)

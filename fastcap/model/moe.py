@@ -49,10 +49,12 @@ class MoE(nn.Module):
         # f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t}; 1.0*alpha when uniform
         counts = torch.bincount(ids.flatten(), minlength=E).float()
         f_i = counts * E / (k * max(T, 1))
-        p_i = scores.mean(dim=0) if T > 0 else scores.new_zeros(E)
+        # sums over max(T, 1), not a branch on T: the routed token count is data-dependent
+        # under torch.compile, and a branch on it cannot be traced (tests/test_custom_ops.py)
+        p_i = scores.sum(dim=0) / max(T, 1)
         aux = self.cfg.aux_alpha * (f_i * p_i).sum()
         with torch.no_grad():
             self.last_load = counts / counts.sum().clamp(min=1)
             ent = -(scores * scores.clamp(min=1e-9).log()).sum(-1)
-            self.last_entropy = ent.mean() / math.log(E) if T > 0 else ent.new_zeros(())
+            self.last_entropy = ent.sum() / max(T, 1) / math.log(E)
         return out, aux

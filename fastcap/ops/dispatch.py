@@ -21,8 +21,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable
-from functools import cache
 
 import torch
 
@@ -105,10 +105,19 @@ def current() -> dict[str, str]:
     return parse(os.environ.get(ENV))
 
 
-@cache
+_loaded: dict[str, Callable] = {}
+
+
 def _load(path: str) -> Callable:
-    module, fn = path.split(":")
-    return getattr(importlib.import_module(module), fn)
+    # Plain dicts, not functools.cache or a bare import_module: torch.compile traces dict
+    # lookups (guards on globals) but not importlib, which would be a graph break. So under
+    # compile only a module never imported before (nor by dispatch.validate) breaks the graph.
+    fn = _loaded.get(path)
+    if fn is None:
+        module, name = path.split(":")
+        mod = sys.modules.get(module) or importlib.import_module(module)
+        fn = _loaded[path] = getattr(mod, name)
+    return fn
 
 
 def _valid(op: str) -> str:
