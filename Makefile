@@ -35,7 +35,7 @@ train: install $(DATA)/dataset.json
 
 # self-critical fine-tuning of the make-train run on its own samples' CIDEr-D (README, SCST)
 SCST_RUN ?= $(RUN)-scst
-SCST_ARGS ?= --steps 300 --batch-size 32
+SCST_ARGS ?= --steps 300 --batch-size 32 eval_every=100
 scst: install
 	$(BIN)/fastcap-train --scst --init $(RUN) --out $(SCST_RUN) $(SCST_ARGS) $(ARGS)
 

@@ -172,7 +172,11 @@ class TrainConfig:
 
 
 def _shapes_tiny() -> TrainConfig:
-    return TrainConfig()
+    """The defaults, with best/ picked by semantic accuracy: on shapes the captions' meaning is
+    checked exactly, and val CIDEr-D disagrees with it (a fresh-clone make train, 2026-12-01:
+    the CIDEr-D-best epoch 5 scored 0.990 greedy test accuracy, the last epoch 0.997; CIDEr-D
+    rewards the references' consensus phrasing, not the objects being right)."""
+    return TrainConfig(select_metric="semantic_acc")
 
 
 def _coco_base() -> TrainConfig:
