@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastcap import plan
+from fastcap import measure, plan
 from fastcap.flops import captioner_forward_flops
 from fastcap.model import Captioner, ModelConfig, MoEConfig
 from fastcap.train.config import PRESETS, build
@@ -55,7 +55,7 @@ def test_param_counts_match_model_and_hand_count():
     embeddings = V * d
     want = trunk + encoder + decoder + embeddings + 2  # + logit_scale, logit_bias
 
-    p = plan.count_params(plan.build_meta(cfg))
+    p = plan.count_params(measure.build_meta(cfg))
     real = Captioner(cfg)
     assert p.total == sum(q.numel() for q in real.parameters()) == want
     assert (p.trunk, p.encoder, p.decoder, p.embeddings, p.other) == (
@@ -75,8 +75,8 @@ def test_active_params_per_token_moe_by_hand():
     d, f, E = 32, 16, 4
     # layer 0 stays dense (first_dense); layer 1's SwiGLU (d -> 2*96 -> d) becomes the MoE block
     block = E * d + E * d * 2 * f + E * f * d + (d * 2 * f + f * d)  # router, w13, w2, shared
-    p = plan.count_params(plan.build_meta(cfg))
-    total = plan.count_params(plan.build_meta(dense)).total - (d * 2 * 96 + 96 * d) + block
+    p = plan.count_params(measure.build_meta(cfg))
+    total = plan.count_params(measure.build_meta(dense)).total - (d * 2 * 96 + 96 * d) + block
     assert p.total == total == sum(q.numel() for q in Captioner(cfg).parameters())
     assert p.routed_experts == E * 3 * d * f
     assert p.active_per_token == total - (E - 1) * 3 * d * f  # 3 of the 4 experts idle
@@ -103,17 +103,17 @@ def test_flops_hand_count_and_flop_counter():
         "head": head,
     }
     total = trunk + encoder + uni + multi + head
-    counted = plan.counted_forward_flops(cfg, L)
+    counted = measure.counted_forward_flops(cfg, L)
     assert counted == pytest.approx(total, rel=0.03), (counted, total)
 
 
 def _cpu_bytes(cfg: ModelConfig, B: int, L: int, dtype, tf_p: float) -> tuple[int, int]:
     torch.manual_seed(0)
     model = Captioner(cfg).to(dtype)
-    inputs = plan.example_batch(cfg, B, L, "cpu", dtype)
-    plain = plan.saved_activation_bytes(model, *inputs, tf_p=tf_p)
+    inputs = measure.example_batch(cfg, B, L, "cpu", dtype)
+    plain = measure.saved_activation_bytes(model, *inputs, tf_p=tf_p)
     apply_activation_checkpointing(model)
-    return plain, plan.saved_activation_bytes(model, *inputs, tf_p=tf_p)
+    return plain, measure.saved_activation_bytes(model, *inputs, tf_p=tf_p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -121,7 +121,7 @@ def _cpu_bytes(cfg: ModelConfig, B: int, L: int, dtype, tf_p: float) -> tuple[in
 def test_activation_bytes_meta_equal_cpu(tiny_overrides, dtype, tf_p):
     cfg = build("shapes-tiny", overrides=tiny_overrides).model
     B, L = 4, 12
-    meta = plan.measure_activations(cfg, B, L, dtype, tf_p=tf_p)
+    meta = measure.measure_activations(cfg, B, L, dtype, tf_p=tf_p)
     assert meta[1] < meta[0]
     assert meta == _cpu_bytes(cfg, B, L, dtype, tf_p)
 
@@ -130,7 +130,7 @@ def test_activation_bytes_moe_close_to_cpu(tiny_overrides):
     """Meta routes round-robin; a real router does not, and the reference pads each expert's
     rows to the busiest one: equal with checkpointing, within a few % without."""
     cfg = build("shapes-tiny", overrides=tiny_overrides + ["model.moe.enabled=true"]).model
-    meta = plan.measure_activations(cfg, 4, 12, torch.float32)
+    meta = measure.measure_activations(cfg, 4, 12, torch.float32)
     cpu = _cpu_bytes(cfg, 4, 12, torch.float32, 1.0)
     assert meta[1] == cpu[1] and meta[0] == pytest.approx(cpu[0], rel=0.03)
 
@@ -161,7 +161,7 @@ def test_plan_epoch_from_default_and_from_data(tiny_shapes, tmp_path):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_on_meta_and_plans(name):
     cfg = build(name)  # validates
-    model = plan.build_meta(cfg.model)
+    model = measure.build_meta(cfg.model)
     assert all(p.is_meta for p in model.parameters())
     p = plan.make_plan(cfg, cross_check=False)
     assert p.params.total == sum(q.numel() for q in model.parameters())

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fastcap.bundle import read_bundle
+from fastcap.data.records import Record
 from fastcap.model import Captioner, ModelConfig
 from fastcap.train.evaluate import write_metrics
-from fastcap.train.selection import BestKeeper
+from fastcap.train.selection import BestKeeper, resolve_metric
 
 
 @pytest.fixture
@@ -72,3 +73,19 @@ def test_metrics_json_holds_best_at_the_top_and_last_beside(tmp_path):
     assert m["test"] == best["test"] and m["last"] == last and m["selection"] == sel
     m = write_metrics(tmp_path, None, last, {**sel, "scored": "last"})
     assert m["test"] == last["test"] and m["last"] == last
+
+
+def test_auto_selects_semantic_accuracy_on_shapes_only(tmp_path):
+    class Split:
+        def __init__(self, shapes: bool):
+            meta = {"objects": []} if shapes else {}
+            self.records = [
+                Record(i, tmp_path / f"{i}.png", ["a"], "val", dict(meta)) for i in (1, 2)
+            ]
+
+    assert resolve_metric("auto", Split(True)) == "semantic_acc"
+    assert resolve_metric("auto", Split(False)) == "CIDEr-D"
+    assert resolve_metric("auto", None) == "CIDEr-D"
+    assert resolve_metric("BLEU-4", Split(True)) == "BLEU-4"
+    with pytest.raises(ValueError, match="select_metric semantic_acc needs the shapes data"):
+        resolve_metric("semantic_acc", Split(False))

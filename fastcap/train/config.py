@@ -90,7 +90,8 @@ class SCSTConfig:
     enabled: bool = False
     """Train with SCST instead of cross-entropy (``fastcap-train --scst --init RUN_DIR``)."""
     init: str | None = None
-    """Run folder (or bundle) whose weights and tokenizer the SCST run starts from."""
+    """Run folder (fastcap-train --out) whose last weights (model.pt), tokenizer and config the
+    SCST run starts from."""
     samples: int = 5
     """Captions sampled per image (K) per step."""
     baseline: str = "mean"
@@ -156,9 +157,13 @@ class TrainConfig:
     """W&B project name."""
     num_samples: int = 8
     """Sample captions printed at each evaluation."""
-    select_metric: str = "CIDEr-D"
+    select_metric: str = "auto"
     """The periodic validation score that picks the best weights, kept in ``best/`` and scored
-    at the end beside the last ones: CIDEr-D, BLEU-4 or semantic_acc (shapes), or none."""
+    at the end beside the last ones: CIDEr-D, BLEU-4, semantic_acc (shapes only), none, or auto:
+    semantic_acc when the val images are shapes (their captions' meaning is checked exactly;
+    val CIDEr-D disagrees with it there: in a fresh-clone make train of 2026-12-01 the
+    CIDEr-D-best epoch 5 scored 0.990 greedy test accuracy, the last epoch 0.997, as CIDEr-D
+    rewards the references' consensus phrasing), CIDEr-D otherwise."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The captioner."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,11 +177,7 @@ class TrainConfig:
 
 
 def _shapes_tiny() -> TrainConfig:
-    """The defaults, with best/ picked by semantic accuracy: on shapes the captions' meaning is
-    checked exactly, and val CIDEr-D disagrees with it (a fresh-clone make train, 2026-12-01:
-    the CIDEr-D-best epoch 5 scored 0.990 greedy test accuracy, the last epoch 0.997; CIDEr-D
-    rewards the references' consensus phrasing, not the objects being right)."""
-    return TrainConfig(select_metric="semantic_acc")
+    return TrainConfig()
 
 
 def _coco_base() -> TrainConfig:
@@ -295,7 +296,7 @@ def _coco_moe() -> TrainConfig:
     return cfg
 
 
-SELECT_METRICS = ("CIDEr-D", "BLEU-4", "semantic_acc", "none")
+SELECT_METRICS = ("auto", "CIDEr-D", "BLEU-4", "semantic_acc", "none")
 
 # What ``fastcap-train --scst --init RUN_DIR`` changes in the initial run's config before the
 # command line's own values: a constant, small LR (the policy gradient is noisy and the model

@@ -31,7 +31,7 @@ from fastcap.train.config import ConfigError, TrainConfig, to_dict
 from fastcap.train.evaluate import final_eval, periodic_eval, write_metrics
 from fastcap.train.inputs import open_run_data, with_tokenizer
 from fastcap.train.scst import CiderReward, SelfCritical
-from fastcap.train.selection import BestKeeper
+from fastcap.train.selection import BestKeeper, resolve_metric
 from fastcap.train.signals import GracefulStop, StopRequested
 from fastcap.train.step import StepRunner
 from fastcap.train.teacher_forcing import tf_prob
@@ -150,9 +150,11 @@ class Trainer:
             dtype=eng.DTYPES[self.precision],
             objective_for=self._scst_objective() if cfg.scst.enabled else None,
         )
-        self.best = BestKeeper(
-            self.out, cfg.select_metric, to_dict(cfg)["model"], self.out / "tokenizer.json"
-        )
+        try:
+            metric = resolve_metric(cfg.select_metric, self.val)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.best = BestKeeper(self.out, metric, to_dict(cfg)["model"], self.out / "tokenizer.json")
         self.tf_gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
         self.step, self.epoch, self.batch_pos, self._fault_streak = 0, 0, 0, 0
         if self.resume is not None:
@@ -315,7 +317,7 @@ class Trainer:
                 m, self.val, self.tok, device=self.device, step=self.step, cfg=self.cfg
             )
             if self.best.offer(self.step, metrics, state):
-                print(f"  best {self.cfg.select_metric} so far: kept in {self.best.dir}")
+                print(f"  best {self.best.metric} so far: kept in {self.best.dir}")
             self.tracker.log_eval(self.step, {f"val/{k}": v for k, v in metrics.items()})
         del m, state
         torch.distributed.barrier()
@@ -324,7 +326,7 @@ class Trainer:
         """Test scores of the best weights by validation and of the last ones (rank 0)."""
         cfg, kw = self.cfg, {"device": self.device, "progress": self.progress}
         selection = {
-            "metric": cfg.select_metric,
+            "metric": self.best.metric,
             "best_step": self.best.step,
             "last_step": self.step,
         }

@@ -23,6 +23,21 @@ BEST = "best"
 META = "best.json"
 
 
+def resolve_metric(name: str, val) -> str:
+    """``select_metric`` for the val split ``val`` (records, or None): ``auto`` is semantic_acc
+    on shapes (records that carry their objects), else CIDEr-D. ConfigError-worthy ValueError
+    for semantic_acc on other data, raised before training starts."""
+    shapes = val is not None and all("objects" in r.meta for r in val.records)
+    if name == "auto":
+        return "semantic_acc" if shapes else "CIDEr-D"
+    if name == "semantic_acc" and val is not None and not shapes:
+        raise ValueError(
+            "select_metric semantic_acc needs the shapes data (its val records carry their "
+            "objects); use CIDEr-D, BLEU-4 or auto"
+        )
+    return name
+
+
 class BestKeeper:
     """Keeps ``out/best`` for the highest ``metric`` seen (``none``: keeps nothing)."""
 
