@@ -262,6 +262,7 @@ def _decode_one_per_image(
     use_cache: bool,
     output_logits: bool,
     repeat: int = 1,
+    fixed_length: bool = False,
 ) -> Generated:
     cfg = model.cfg
     T = ctl.max_new_tokens
@@ -269,7 +270,8 @@ def _decode_one_per_image(
     B = n_images * repeat  # rows: the samples of each image are adjacent
     cache = model.decoder.new_cache(T, dev) if use_cache else None
     bans = _bans(cfg, cfg.vocab_size, dev)
-    every = _check_every(dev)
+    # fixed_length: never look, so every call runs all T steps on all rows
+    every = T + 1 if fixed_length else _check_every(dev)
     # results, by original row
     out = torch.full((B, T), cfg.pad_id, dtype=torch.long, device=dev)
     scores = torch.zeros(B, device=dev)
@@ -331,6 +333,7 @@ def greedy(
     output_logits: bool = False,
     image_tokens: Tensor | None = None,
     static: bool = False,
+    fixed_length: bool = False,
 ) -> Generated:
     """Greedy decoding of normalised images (B, 3, S, S) -> Generated with B rows.
 
@@ -339,6 +342,11 @@ def greedy(
     ``output_logits`` also returns the model's logits (B, T, V) of every step.
     ``image_tokens`` (B, N, d) from ``model.encode_image`` skips the encoder (``images`` may
     then be None); the same holds for :func:`beam` and :func:`sample`.
+
+    ``fixed_length`` (also :func:`sample`): run all ``max_new_tokens`` steps on every row,
+    finished rows masked and never dropped, so the decoder is called the same number of times
+    whatever the captions: what decoding inside a ZeRO-3 forward over several ranks needs,
+    where every module call may gather parameters collectively (SCST). The same tokens.
 
     ``static``: every step runs the same kernels on the same buffers (a full-length cache with
     a length mask, the position on the device, finished rows kept and masked, no host read
@@ -366,6 +374,7 @@ def greedy(
         ctl,
         use_cache=use_cache,
         output_logits=output_logits,
+        fixed_length=fixed_length,
     )
 
 
@@ -386,6 +395,7 @@ def sample(
     use_cache: bool = True,
     output_logits: bool = False,
     image_tokens: Tensor | None = None,
+    fixed_length: bool = False,
 ) -> Generated:
     """Top-k / nucleus sampling at ``temperature`` -> Generated with B * num_return_sequences
     rows (image-major: the samples of image 0 first).
@@ -424,6 +434,7 @@ def sample(
         use_cache=use_cache,
         output_logits=output_logits,
         repeat=num_return_sequences,
+        fixed_length=fixed_length,
     )
 
 

@@ -375,6 +375,8 @@ class Trainer:
                 max_new_tokens=sc.max_new_tokens or None,
                 lambda_aux=lambda_aux,
                 generator=gen,
+                # every rank makes the same module calls, which ZeRO-3's gathers pair up
+                fixed_length=self.world > 1 and self.stage == 3,
             )
 
         return objective_for

@@ -100,6 +100,7 @@ class SelfCritical:
     max_new_tokens: int | None = None
     lambda_aux: float = 0.0
     generator: torch.Generator | None = None
+    fixed_length: bool = False  # decode all steps: ZeRO-3 over ranks (fastcap.generate.greedy)
     last: Generated | None = None  # the samples of the last call (for inspection)
 
     def __call__(self, model, images: Tensor) -> dict[str, Tensor]:
@@ -114,6 +115,7 @@ class SelfCritical:
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
             generator=self.generator,
+            fixed_length=self.fixed_length,
         )
         self.last = sampled
         t0 = time.perf_counter()
@@ -121,7 +123,11 @@ class SelfCritical:
         reward_s = time.perf_counter() - t0
         if self.baseline == "greedy":
             g = greedy_no_grad(
-                model, None, image_tokens=img_tokens.detach(), max_new_tokens=self.max_new_tokens
+                model,
+                None,
+                image_tokens=img_tokens.detach(),
+                max_new_tokens=self.max_new_tokens,
+                fixed_length=self.fixed_length,
             )
             t0 = time.perf_counter()
             rg = self.reward(self.ids, g, 1)
