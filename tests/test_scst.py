@@ -11,7 +11,7 @@ import torch
 from fastcap.generate import Generated, sample
 from fastcap.model import Captioner, ModelConfig
 from fastcap.train.scst import SelfCritical, leave_one_out, sequence_log_probs
-from tests.test_train import run_train
+from tests.test_train import run_train, run_two_ranks
 
 SCST_ARGS = [
     "--batch-size",
@@ -247,33 +247,10 @@ def test_fixed_length_decoding_makes_the_same_calls_whatever_the_captions():
 def test_scst_under_zero3_on_two_ranks(tiny_run, tmp_path):
     """Two CPU ranks (gloo), every parameter partitioned: sampling and scoring inside the
     engine's forward on both, the rewards finite, the run to the end."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_train import _free_port
-
-    e = dict(os.environ)
-    e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref", "OMP_NUM_THREADS": "1"})
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
     out = tmp_path / "z3"
-    r = subprocess.run(
+    r = run_two_ranks(
+        ["-m", "fastcap.cli.train"],
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "fastcap.cli.train",
-            "--no-progress",
-            "--wandb",
-            "disabled",
             "--scst",
             "--init",
             str(tiny_run),
@@ -287,9 +264,6 @@ def test_scst_under_zero3_on_two_ranks(tiny_run, tmp_path):
             "data.eval_splits=",
             "select_metric=none",
         ],
-        capture_output=True,
-        text=True,
-        env=e,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]

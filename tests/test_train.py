@@ -136,6 +136,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_ranks(entry: list[str], args: list[str], env: dict | None = None, timeout=900):
+    """``entry`` (a script path, or ``-m module``) with ``args`` on two CPU ranks through
+    torchrun (gloo), one thread each, the reference ops, W&B off."""
+    e = dict(os.environ)
+    e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref", "OMP_NUM_THREADS": "1"})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    e.update(env or {})
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    return subprocess.run(
+        [sys.executable, *launch, *entry, "--no-progress", "--wandb", "disabled", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+    )
+
+
 def check_collectives_nccl_safe(audit_dir: Path) -> None:
     """Every tensor the 2-rank run handed to a collective (fastcap's and DeepSpeed's) has a
     device the GPU process group serves, and fastcap's own collectives use the rank's device
@@ -172,37 +191,11 @@ def test_zero3_two_processes_partition_learn_and_match_one(tiny_shapes, tiny_ove
         "tf.start=1.0",
         "diag_every=0",
     ]
-    e = dict(os.environ)
-    e.update({"WANDB_MODE": "disabled", "FASTCAP_KERNELS": "ref", "OMP_NUM_THREADS": "1"})
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
     two = tmp_path / "two"
-    e["FASTCAP_AUDIT_OUT"] = str(tmp_path)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            str(Path(__file__).with_name("collective_audit.py")),  # fastcap-train, audited
-            "--no-progress",
-            "--wandb",
-            "disabled",
-            "--out",
-            str(two),
-            "--steps",
-            "18",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        env=e,
-        timeout=900,
+    r = run_two_ranks(
+        [str(Path(__file__).with_name("collective_audit.py"))],  # fastcap-train, audited
+        ["--out", str(two), "--steps", "18", *common],
+        env={"FASTCAP_AUDIT_OUT": str(tmp_path)},
     )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     log2 = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]

@@ -191,8 +191,8 @@ def _coco_base() -> TrainConfig:
       tokens. 384 px costs 29 GFLOPs forward per image, 82% of it in the trunk; 224 px would
       be 11 GFLOPs with 7 x 7 = 49 tokens, too coarse for small objects, and 384 px still
       trains an epoch in minutes (below). Width 512, 8 heads of 64, 3 encoder layers and 3 + 3
-      decoder layers, the Transformer-base captioner's shape (M2, AoA: d 512, 3-6 layers):
-      38M parameters on top of the trunk, 62M in all.
+      decoder layers, the shape of a base Transformer captioner: 38M parameters on top of
+      the trunk, 62M in all.
     * Vocabulary: 10,240 BPE tokens (a multiple of 128 for the LM-head GEMM): 5.2M tied
       embedding parameters; max_len 32 positions keeps all but the longest few COCO captions.
     * Batch 256 on one A100 80GB in bf16: the plan measures 35.1 GiB of saved activations at
@@ -201,19 +201,17 @@ def _coco_base() -> TrainConfig:
       workspaces. Checkpointing is off: it wraps only the Transformer layers and saves 3.6
       GiB of the 35.1 (31.5 with it) while recomputing their forward (18% of the FLOPs).
     * Schedule: epoch_unit caption (each epoch reads every caption once: 566,435 samples,
-      2,212 steps of 256). 5 caption-epochs = 25 image-epochs, the middle of the usual 15-30
-      image-epochs of cross-entropy training; 11,060 steps. Warmup 500 steps (4.5% of the
-      run), cosine to 5% of a 3e-4 peak (the pretrained trunk shares it, so it stays below
-      the 5e-4 of from-scratch Transformer captioners; the trunk takes no update in the first
-      1,000 steps, while the new layers settle).
+      2,212 steps of 256). 5 caption-epochs = 25 image-epochs of cross-entropy training;
+      11,060 steps. Warmup 500 steps (4.5% of the
+      run), cosine to 5% of a 3e-4 peak (modest, because the pretrained trunk shares it; the
+      trunk takes no update in the first 1,000 steps, while the new layers settle).
     * Time: 88 GFLOPs a training sample, 7.6 min an epoch on an A100 (312 TFLOP/s bf16 at 35%
       MFU), 38 min for the run; 2.4 min an epoch on an H100. Compute is not the limit: at that
       rate the loader must decode ~1,200 JPEGs/s, so give it as many workers as there are
       cores.
     * Losses: label smoothing 0.1; contrastive weight 0.5 (CoCa weighs captioning 2 to
       contrastive 1). Teacher forcing constant 1.0 (none): plain cross-entropy is what COCO
-      results are reported from, scheduled sampling changes Transformer captioners by less
-      than the seed does, and p < 1 costs a no-grad decoder pass and a text-tower rerun
+      results are reported from, and p < 1 costs a no-grad decoder pass and a text-tower rerun
       (+4.0 GFLOPs, +4.5% a sample, and +0.6 GiB of activations at 256). Try
       ``tf.schedule=linear tf.end=0.75`` as an experiment; SCST (``--scst``) is the fix for
       exposure bias.
@@ -300,8 +298,8 @@ SELECT_METRICS = ("auto", "CIDEr-D", "BLEU-4", "semantic_acc", "none")
 
 # What ``fastcap-train --scst --init RUN_DIR`` changes in the initial run's config before the
 # command line's own values: a constant, small LR (the policy gradient is noisy and the model
-# already good: Rennie et al. and Luo's recipes use 5e-5 and 2e-5 after cross-entropy at 5e-4)
-# and no teacher forcing (SCST never reads gold tokens).
+# already good; on shapes 5e-5 and 2e-5 gave the same test CIDEr-D, bench/RESULTS.md) and no
+# teacher forcing (SCST never reads gold tokens).
 SCST_DEFAULTS = {
     "scst.enabled": "true",
     "optim.lr": "5e-5",
