@@ -15,6 +15,7 @@ so batch_size // num_beams images), chosen from the device unless given.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fastcap.common import capability
 from fastcap.runs import default_device
 
 CPU_BATCH = 16  # images per decoding batch on a CPU
@@ -33,10 +35,13 @@ CUDA_BATCH_PER_GIB = 2  # ... and per GiB of GPU memory, clipped to [16, 256]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it, fp32 elsewhere (the weights are stored in fp32)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The capability policy's precision (:func:`fastcap.common.capability.precision_for`):
+    bf16 from compute capability 8.0, fp16 on sm_70 / sm_75 (T4), fp32 below and on the CPU
+    (the weights are stored in fp32). Logged once with the reason on ``fastcap.api``."""
+    precision, why = capability.explain_precision(device)
+    msg = f"fastcap.load: {precision} (auto): {why}"
+    capability.log_once(logging.getLogger("fastcap.api"), msg)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -406,9 +411,10 @@ def load(path, device=None, dtype=None, batch_size: int | None = None) -> ImageC
     """A run folder or a bundle -> :class:`ImageCaptioner`.
 
     ``device``: default the GPU when there is one. ``dtype``: fp32, fp16, bf16 or a torch
-    dtype; default bf16 on a GPU that has it, else fp32. ``batch_size``: rows per decoding
-    batch; default from the device (:func:`default_batch_size`). Raises
-    :class:`fastcap.runs.RunError` (a ValueError) when the folder cannot be loaded.
+    dtype; default :func:`default_dtype` (bf16 from sm_80, fp16 on a T4, else fp32).
+    ``batch_size``: rows per decoding batch; default from the device
+    (:func:`default_batch_size`). Raises :class:`fastcap.runs.RunError` (a ValueError) when the
+    folder cannot be loaded.
     """
     from fastcap.runs import load_run
 

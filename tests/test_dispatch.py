@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcap.ops as ops
+from fastcap.common import capability
 from fastcap.ops import dispatch
 
 # The Triton kernels run on a GPU, or on the CPU under the interpreter (tests/conftest.py).
@@ -65,18 +66,22 @@ def test_auto_on_cpu_is_ref(monkeypatch):
 
 def test_auto_logs_its_choice_once(monkeypatch, caplog):
     """``auto`` on CUDA tensors names what it picked, and what it fell back from, once per
-    (op, reason). Only the device type is read, so a CUDA device object tests this without a GPU
-    (the interpreter lets the Triton modules import)."""
+    (op, reason). A CUDA device object and torch's device queries patched to an A100
+    (``capability.simulate``) test this without a GPU (the interpreter lets the Triton modules
+    import); tests/test_capability.py covers the other GPUs."""
     monkeypatch.setenv("FASTCAP_KERNELS", "auto")
     monkeypatch.setattr(dispatch, "_logged", set())
     cuda = torch.device("cuda")
-    with caplog.at_level(logging.INFO, logger="fastcap.ops"):
+    with caplog.at_level(logging.INFO, logger="fastcap.ops"), capability.simulate("a100"):
         assert [dispatch.resolve("attention", cuda) for _ in range(3)] == ["triton"] * 3
         # a Triton module that does not import: auto falls back and says why
         monkeypatch.setitem(dispatch.IMPLS["siglip"], "triton", "fastcap.kernels.absent:f")
         assert [dispatch.resolve("siglip", cuda) for _ in range(3)] == ["ref"] * 3
     msgs = [r.getMessage() for r in caplog.records if r.name == "fastcap.ops"]
-    assert msgs[0] == "fastcap.ops: attention -> triton (auto)", msgs
+    assert msgs[0] == (
+        "fastcap.ops: attention -> triton (auto): NVIDIA A100-SXM4-80GB (sm_80): "
+        "Triton's tl.dot runs on tensor cores from sm_80"
+    ), msgs
     assert len(msgs) == 2 and "siglip falls back to ref (auto)" in msgs[1], msgs
     assert "fastcap.kernels.absent" in msgs[1], msgs
 

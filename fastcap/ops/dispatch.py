@@ -2,7 +2,12 @@
 
 Grammar (see docs/DESIGN.md, section 2 "The op seam"):
 
-* ``auto`` (default): Triton/CUDA for CUDA tensors, the PyTorch reference for CPU tensors.
+* ``auto`` (default): the PyTorch reference for CPU tensors; for CUDA tensors what the
+  capability policy (:func:`fastcap.common.capability.auto_order`) orders for that GPU: the
+  Triton kernels (``moe``: the CUDA routing sort first) from sm_80 on; on sm_70 / sm_75 the
+  references (SDPA, cuBLAS: Triton's ``tl.dot`` has no tensor-core path there) except ``lce``
+  (cuBLAS GEMMs + a Triton row-wise CE); below sm_70 the references. Logged once per op with
+  the reason.
 * ``ref`` | ``triton`` | ``cuda``: force that implementation for every op that has one. Every
   op has ``ref`` and ``triton``; only ``moe`` has ``cuda`` (its routing alignment is the C++/CUDA
   extension), so a bare ``cuda`` forces ``moe=cuda`` and leaves the other ops at ``auto``,
@@ -25,6 +30,8 @@ import sys
 from collections.abc import Callable
 
 import torch
+
+from fastcap.common import capability
 
 log = logging.getLogger("fastcap.ops")
 
@@ -52,13 +59,9 @@ IMPLS: dict[str, dict[str, str]] = {
     },
 }
 OPS = tuple(IMPLS)
-# What ``auto`` prefers on CUDA tensors, best first.
-AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
-    "attention": ("triton",),
-    "moe": ("cuda", "triton"),
-    "siglip": ("triton",),
-    "lce": ("triton",),
-}
+# What ``auto`` prefers on CUDA tensors of a GPU from sm_80 on, best first; older GPUs get the
+# order of fastcap.common.capability.auto_order.
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = capability.FAST_ORDER
 
 
 def parse(spec: str | None) -> dict[str, str]:
@@ -135,6 +138,10 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
         if device.type != "cuda" and not (impl == "triton" and interpret):
             need = "CUDA tensors or TRITON_INTERPRET=1" if impl == "triton" else "CUDA tensors"
             return f"{op}={impl} needs {need} (got {device.type} tensors)"
+        if device.type == "cuda":
+            why = capability.triton_unavailable(device)  # moe=cuda runs Triton GEMMs too
+            if why is not None:
+                return f"{op}={impl}: {why}"
     try:
         _load(IMPLS[op][impl])
     except (ImportError, AttributeError, RuntimeError, OSError) as e:
@@ -171,12 +178,17 @@ def resolve(op: str, device: torch.device, *, quiet: bool = False) -> str:
         return choice
     if device.type != "cuda":
         return "ref"
+    order, policy = capability.auto_order(op, device)
+    if not order:
+        if not quiet:
+            _log_once(op, f"fastcap.ops: {op} -> ref (auto): {policy}")
+        return "ref"
     reasons = []
-    for impl in AUTO_CUDA_ORDER[op]:
+    for impl in order:
         why = _why_not(op, impl, device)
         if why is None:
             if not quiet:
-                _log_once(op, f"fastcap.ops: {op} -> {impl} (auto)")
+                _log_once(op, f"fastcap.ops: {op} -> {impl} (auto): {policy}")
             return impl
         reasons.append(why)
     if not quiet:

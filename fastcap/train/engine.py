@@ -15,8 +15,9 @@ import warnings
 
 import torch
 
+from fastcap.common import capability
 from fastcap.model import Captioner, MoE
-from fastcap.train.config import TrainConfig
+from fastcap.train.config import ConfigError, TrainConfig
 
 log = logging.getLogger("fastcap.train")
 
@@ -80,12 +81,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """bf16 on GPUs that have it, fp16 (loss scaling) on other GPUs, fp32 on the CPU."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """The training precision: ``auto`` asks the capability policy
+    (:func:`fastcap.common.capability.precision_for`: bf16 from compute capability 8.0, fp16
+    with loss scaling on 7.0 / 7.5, fp32 below and on the CPU) and logs the choice and its
+    reason once. An explicit bf16 on a GPU without native bf16, or fp16 below sm_70, is a
+    one-line ConfigError naming the GPU (torch would emulate bf16 and the Triton kernels
+    cannot compile it; DeepSpeed refuses fp16 there)."""
+    chosen, why = capability.explain_precision(device)
+    if cfg.precision == "auto":
+        capability.log_once(log, f"fastcap.train: precision {chosen} (auto): {why}")
+        return chosen
+    g = capability.gpu(device)
+    if g is not None and cfg.precision == "bf16" and not g.bf16:
+        raise ConfigError(
+            f"precision=bf16 needs compute capability 8.0 or higher; {g.label()} has no "
+            f"native bf16: use precision=auto ({chosen}) or fp16"
+        )
+    if g is not None and cfg.precision == "fp16" and g.capability < capability.FP16_MIN:
+        raise ConfigError(f"precision=fp16 needs compute capability 7.0 or higher ({g.label()}); "
+                         "use precision=auto (fp32)")  # fmt: skip
+    return cfg.precision
 
 
 def zero_stage(cfg: TrainConfig, world: int) -> int:
