@@ -48,13 +48,16 @@ class MoE(nn.Module):
         # expert-level balance loss (DeepSeekMoE eq. 12-14): alpha * sum_i f_i P_i,
         # f_i = E / (k T) * #tokens choosing i, P_i = mean_t s_{i,t}; 1.0*alpha when uniform
         counts = torch.bincount(ids.flatten(), minlength=E).float()
-        f_i = counts * E / (k * max(T, 1))
-        # sums over max(T, 1), not a branch on T: the routed token count is data-dependent
-        # under torch.compile, and a branch on it cannot be traced (tests/test_custom_ops.py)
-        p_i = scores.sum(dim=0) / max(T, 1)
+        # sums over max(T, 1) as torch.sym_max, not a Python max or branch on T: the routed
+        # token count is data-dependent (padding removed) under torch.compile and in the
+        # fake-CUDA runs, where a Python comparison of it cannot be decided
+        # (tests/test_custom_ops.py, tests/test_fake_cuda.py)
+        n = torch.sym_max(T, 1)
+        f_i = counts * E / (k * n)
+        p_i = scores.sum(dim=0) / n
         aux = self.cfg.aux_alpha * (f_i * p_i).sum()
         with torch.no_grad():
             self.last_load = counts / counts.sum().clamp(min=1)
             ent = -(scores * scores.clamp(min=1e-9).log()).sum(-1)
-            self.last_entropy = ent.sum() / max(T, 1) / math.log(E)
+            self.last_entropy = ent.sum() / n / math.log(E)
         return out, aux

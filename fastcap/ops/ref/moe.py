@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 
 def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
@@ -16,7 +17,9 @@ def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: 
     f = w2.shape[1]
     k = topk_ids.shape[1]
     out = torch.zeros_like(x)
-    if T == 0:
+    # guard_or_false: T is data-dependent when the caller dropped padding (torch.compile, the
+    # fake-CUDA runs); undecidable there, the general path below handles T = 0 shapes too
+    if guard_or_false(T == 0):
         return out + 0 * (w13.sum() + w2.sum() + topk_weights.sum()).to(x.dtype)
     flat_ids = topk_ids.reshape(-1).long()  # (T*k,) pair p = t*k + c
     counts = torch.bincount(flat_ids, minlength=E)  # (E,)
