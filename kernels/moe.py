@@ -675,7 +675,8 @@ def _moe_ffn_cuda(
 def __getattr__(name: str):
     # ``moe_ffn_cuda`` exists only where the extension builds: the dispatch looks the name up,
     # so a build failure surfaces there as RuntimeError (auto falls back, an explicit choice
-    # raises with the cause).
+    # raises with the cause). A build without its CUDA kernel (no CUDA toolkit) still aligns CPU
+    # tensors; for CUDA tensors the dispatch asks moe_align.cuda_unavailable as well.
     if name == "moe_ffn_cuda":
         load_extension()
         return _moe_ffn_cuda

@@ -1,9 +1,12 @@
 """moe_align: the compiled extension (CPU twin here, CUDA where present) and the PyTorch version
 against a plain Python counting sort; argument checks; the nvcc compile of the CUDA source."""
 
+import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,57 @@ def test_nvcc_compiles_cuda_source(tmp_path):
     # The fat binary names the architecture of each embedded cubin.
     obj = (tmp_path / "moe_align_cuda.o").read_bytes()
     assert b"sm_80" in obj and b"sm_90" in obj
+
+
+_NO_TOOLKIT = r"""
+import json, logging, os, sys
+import torch
+from unittest import mock
+from torch.utils import cpp_extension
+from fastcap.common import capability, moe_align as ma
+from fastcap.ops import dispatch
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+cpp_extension.CUDA_HOME = None  # torch from pip, a C++ compiler, no nvcc
+cuda = torch.device("cuda")
+out = {}
+with capability.simulate("a100"), mock.patch.object(torch.cuda, "is_available", lambda: True):
+    ma.load_extension()  # what such a machine builds: the CPU twin only
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    out["cpu_kernel"] = has("fastcap::moe_align", "CPU")
+    out["cuda_kernel"] = has("fastcap::moe_align", "CUDA")
+    os.environ["FASTCAP_KERNELS"] = "auto"
+    out["auto"] = dispatch.resolve("moe", cuda)
+    for spec in ("moe=cuda", "cuda"):
+        os.environ["FASTCAP_KERNELS"] = spec
+        try:
+            dispatch.validate(("moe",), cuda)
+            out[spec] = None
+        except RuntimeError as e:
+            out[spec] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_built_without_cuda_toolkit(tmp_path):
+    """A GPU machine with torch from pip and no CUDA toolkit builds a CPU-only fastcap_C: the
+    import succeeds but the op has no CUDA kernel. ``auto`` must then pick triton for CUDA
+    tensors, and an explicit ``moe=cuda`` (or a bare ``cuda``) must be a one-line error naming
+    the missing toolkit, before any work. A fresh process (the policy patched to an A100, the
+    toolkit hidden) and a fresh build folder, so the build really is the toolkit-less one."""
+    env = {**os.environ, "FASTCAP_EXT_DIR": str(tmp_path / "ext")}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", _NO_TOOLKIT], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-3000:]
+    out = json.loads(lines[0].removeprefix("RESULT "))
+    assert out["cpu_kernel"] and not out["cuda_kernel"], out
+    assert out["auto"] == "triton", out
+    assert "fastcap.ops: moe -> triton (auto)" in run.stdout, run.stdout[-3000:]
+    for spec in ("moe=cuda", "cuda"):
+        msg = out[spec]
+        assert msg is not None, f"FASTCAP_KERNELS={spec} passed validation without a CUDA kernel"
+        assert "\n" not in msg, msg
+        assert "without its CUDA kernel: no CUDA toolkit found" in msg, msg
+        assert "valid choices for moe" in msg, msg

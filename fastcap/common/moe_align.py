@@ -21,12 +21,15 @@ Three implementations return identical tensors:
   ``torch.utils.cpp_extension.load`` and cached in ``$FASTCAP_EXT_DIR`` (default
   ``~/.cache/fastcap/extensions/<torch version>-<cuXYZ|cpu>-py<XY>/``); later processes only
   load the cached library. The CUDA source is compiled only when torch sees a GPU and nvcc is
-  found; otherwise the build is CPU-only (12 s the first time on a 2-core machine).
+  found; otherwise the build is CPU-only (12 s the first time on a 2-core machine). That is the
+  usual GPU machine with torch from pip: a compiler, no CUDA toolkit. Such a build registers
+  no CUDA kernel, so :func:`cuda_unavailable` asks the dispatcher whether the op has one (an
+  import that succeeded proves nothing) and says why not.
 * :func:`moe_align_torch`, pure PyTorch, no host synchronisation on CUDA.
 
-:func:`moe_align` with ``impl="auto"`` uses the extension when it can be built and otherwise
-falls back to PyTorch, saying so once in the log; ``impl="ext"`` raises ``RuntimeError`` with the
-build error when the extension is unavailable.
+:func:`moe_align` with ``impl="auto"`` uses the extension when it can be built (and, for CUDA
+tensors, has its CUDA kernel) and otherwise falls back to PyTorch, saying so once in the log;
+``impl="ext"`` raises ``RuntimeError`` with the build error, or the missing toolkit, instead.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "moe_align",
     "moe_align_torch",
     "load_extension",
+    "cuda_unavailable",
     "max_padded",
     "csrc_dir",
 ]
@@ -147,6 +151,14 @@ def load_extension() -> None:
         from torch.utils import cpp_extension
 
         with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+        if not with_cuda:  # why the CUDA kernel is left out, for cuda_unavailable
+            _ext_state["no_cuda"] = (
+                "no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset): install the CUDA "
+                "toolkit matching torch's CUDA or set CUDA_HOME, then delete the build in "
+                f"{_build_dir(False)}"
+                if torch.cuda.is_available()
+                else "torch saw no GPU when it was built"
+            )
         csrc = csrc_dir()
         sources = [str(csrc / "moe_align.cpp")]
         if with_cuda:
@@ -175,6 +187,22 @@ def load_extension() -> None:
     _ext_state["ok"] = True
 
 
+def cuda_unavailable() -> str | None:
+    """None if ``torch.ops.fastcap.moe_align`` has a CUDA kernel, else why not (one line).
+
+    Builds or loads the extension first. The test is the dispatcher's own: is a kernel
+    registered for the op under the CUDA dispatch key (a CPU-only build registers none, and a
+    CUDA call would raise NotImplementedError at the first MoE forward)."""
+    try:
+        load_extension()
+    except RuntimeError as e:
+        return str(e)
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastcap::moe_align", "CUDA"):
+        return None
+    why = _ext_state.get("no_cuda", "its CUDA source was not compiled")
+    return f"fastcap_C was built without its CUDA kernel: {why}"
+
+
 def moe_align(
     topk_ids: Tensor, num_experts: int, block_m: int, *, impl: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,6 +228,9 @@ def moe_align(
     if impl == "auto":
         try:
             load_extension()
+            why = cuda_unavailable() if topk_ids.is_cuda else None
+            if why is not None:
+                raise RuntimeError(why)
         except RuntimeError as e:
             if "logged" not in _ext_state:
                 _ext_state["logged"] = True
@@ -207,6 +238,9 @@ def moe_align(
             return moe_align_torch(topk_ids, num_experts, block_m)
     else:
         load_extension()
+        why = cuda_unavailable() if topk_ids.is_cuda else None
+        if why is not None:
+            raise RuntimeError(why)
     if topk_ids.is_cuda and num_experts > CUDA_MAX_EXPERTS:
         if impl == "ext":
             raise ValueError(

@@ -146,6 +146,14 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
         _load(IMPLS[op][impl])
     except (ImportError, AttributeError, RuntimeError, OSError) as e:
         return f"{op}={impl} is not available here ({type(e).__name__}: {e})"
+    if impl == "cuda" and device.type == "cuda":
+        # the extension imported, but a build without a CUDA toolkit has no CUDA kernel: ask
+        # the dispatcher (else the first MoE forward raises NotImplementedError)
+        from fastcap.common.moe_align import cuda_unavailable
+
+        why = cuda_unavailable()
+        if why is not None:
+            return f"{op}={impl} is not available here ({why})"
     return None
 
 
