@@ -26,7 +26,14 @@ is Liger-Kernel's FusedLinearCrossEntropy, written anew:
   lose the small probabilities to underflow (p ~ 1e-5 over n ~ 1e4 rows is below fp16's
   smallest subnormal). For 16-bit inputs g is written in the input dtype into a second buffer
   (cuBLAS needs both operands in one dtype); its entries lie in [-1, 1], so rounding costs only
-  their relative precision. n is counted on the device: there is no host synchronisation.
+  their relative precision - in fp16 once they are stored times 2^14 (``G_SCALE_FP16``), which
+  keeps entries down to 3.7e-9 out of fp16's subnormal range; 1 / (n 2^14) is applied to the
+  fp32 products. n is counted on the device: there is no host synchronisation.
+* Loss scaling (fp16 training): the gradients are made in the forward, before the loss scale S
+  (grad_output) is known, so they are kept in fp32 and rounded to the inputs' dtype only after
+  backward multiplies them by S. Rounding d h / n to fp16 first would flush its small entries
+  (d h / n of a 1024-row batch is mostly below fp16's smallest normal, 6.1e-5), which the loss
+  scale exists to prevent (tests/test_lce.py, ``test_fp16_loss_scaling_...``).
 * The kernel makes two passes over each row in blocks of BLOCK_V: an online max / sum-exp
   (plus the row sum of x when smoothing) for the loss, then exp(x - lse) for the gradient. The
   row loss is written per row and summed by torch; all targets ignored gives n = 0, clamped to
@@ -40,10 +47,10 @@ is Liger-Kernel's FusedLinearCrossEntropy, written anew:
   memory is thus O(V d + N d), never O(N V). Not yet timed on a GPU.
 * ``weight.requires_grad=False`` skips the weight-gradient GEMM and its accumulator;
   ``h.requires_grad=False`` skips the h-gradient GEMM; neither (or grad mode off) skips the
-  gradient pass of the kernel too. The saved gradients are in the inputs' dtypes (the weight
-  gradient rounded once from fp32), so between forward and backward the op holds N x d + V x d
-  elements. With ``retain_graph`` a second backward is correct (the saved tensors are scaled
-  out of place); double backward is not supported.
+  gradient pass of the kernel too. The saved gradients are fp32 (the weight gradient is the
+  fp32 accumulator itself), so between forward and backward the op holds N x d + V x d fp32
+  elements (20 MB at V 10240, d 512). With ``retain_graph`` a second backward is correct (the
+  saved tensors are scaled out of place); double backward is not supported.
 
 The kernel's blocks: under ``TRITON_INTERPRET=1`` a fixed 16-row x 32-column tile, so CPU tests
 run multi-block loops over V; on a GPU one row per program and BLOCK_V up to 4096 (a heuristic,
@@ -64,6 +71,9 @@ __all__ = ["linear_cross_entropy", "lce_forward", "chunk_rows", "compile_targets
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_BLOCKS = (16, 32)  # (BLOCK_M, BLOCK_V) under the interpreter
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fp16 d loss / d logits lies in [-1, 1]; stored times 2^14 its entries down to 3.7e-9 stay
+# normal fp16 numbers (6.1e-5 / 2^14) instead of subnormal, and |g| <= 16384 cannot overflow.
+G_SCALE_FP16 = 2.0**14
 
 # --------------------------------------------------------------------------------------------
 # Kernel
@@ -80,6 +90,7 @@ def _ce_rows_kernel(
     V,
     ignore_index,
     eps,  # label smoothing
+    g_scale,  # the gradient is stored times this (2^14 for fp16: keeps small entries normal)
     SMOOTH: tl.constexpr,  # eps > 0
     WRITE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -125,7 +136,7 @@ def _ce_rows_kernel(
             g -= tl.where(cols[None, :] == t[:, None], 1.0 - eps, 0.0)
             if SMOOTH:
                 g -= eps / V
-            g = tl.where(valid[:, None], g, 0.0)
+            g = tl.where(valid[:, None], g * g_scale, 0.0)
             tl.store(g_ptr + row_off + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
@@ -157,7 +168,9 @@ def _mm32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()  # CPU: exact products, fp32 sums, as on the GPU
 
 
-def _ce_rows(x: Tensor, g: Tensor | None, t: Tensor, loss: Tensor, ignore_index, eps) -> None:
+def _ce_rows(
+    x: Tensor, g: Tensor | None, t: Tensor, loss: Tensor, ignore_index, eps, g_scale=1.0
+) -> None:
     M, V = x.shape
     cfg = _kernel_config(V)
     _ce_rows_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
@@ -169,6 +182,7 @@ def _ce_rows(x: Tensor, g: Tensor | None, t: Tensor, loss: Tensor, ignore_index,
         V,
         ignore_index,
         eps,
+        g_scale,
         SMOOTH=eps > 0.0,
         WRITE_GRAD=g is not None,
         **cfg,
@@ -192,8 +206,9 @@ def lce_forward(
     produce; ``chunk_size`` overrides :func:`chunk_rows` (tests, benchmarks).
 
     Returns:
-        loss, 0-d fp32; d loss / d h, (N, d) in h's dtype, or None; d loss / d weight, (V, d)
-        in weight's dtype, or None.
+        loss, 0-d fp32; d loss / d h, (N, d) fp32, or None; d loss / d weight, (V, d) fp32, or
+        None. fp32 for every input dtype: the caller scales them by grad_output (an fp16 loss
+        scale) before rounding them to the inputs' dtype.
     """
     if h.dtype not in _DTYPES or weight.dtype != h.dtype:
         raise ValueError(
@@ -212,8 +227,10 @@ def lce_forward(
     C = min(chunk_size or chunk_rows(N, V, d), max(N, 1))
     inv_n = 1.0 / (targets != ignore_index).sum().clamp(min=1).float()  # 0-d, on the device
     grad = need_h or need_weight
+    # g is stored times g_scale; 1/(n g_scale) is applied to the fp32 products
+    g_scale = G_SCALE_FP16 if h.dtype == torch.float16 else 1.0
     row_loss = torch.empty(N, dtype=torch.float32, device=h.device)
-    grad_h = torch.empty_like(h) if need_h else None
+    grad_h = torch.empty(N, d, dtype=torch.float32, device=h.device) if need_h else None
     grad_w32 = torch.zeros(V, d, dtype=torch.float32, device=h.device) if need_weight else None
     g16 = None  # the 16-bit gradient buffer, one chunk's size, allocated once
     for r0 in range(0, N, C):
@@ -228,12 +245,12 @@ def lce_forward(
                 if g16 is None:
                     g16 = torch.empty((C, V), dtype=h.dtype, device=h.device)
                 g = g16[: r1 - r0]
-        _ce_rows(x, g, targets[r0:r1], row_loss[r0:r1], ignore_index, eps)
+        _ce_rows(x, g, targets[r0:r1], row_loss[r0:r1], ignore_index, eps, g_scale)
         if need_h:
             if g.dtype == torch.float32:
-                torch.mm(g, weight, out=grad_h[r0:r1])  # scaled by 1/n after the loop
+                torch.mm(g, weight, out=grad_h[r0:r1])
             else:
-                grad_h[r0:r1] = _mm32(g, weight).mul_(inv_n)  # scale in fp32, round once
+                grad_h[r0:r1] = _mm32(g, weight)
         if need_weight:
             if g.dtype == torch.float32:
                 grad_w32.addmm_(g.T, h_c)
@@ -241,12 +258,12 @@ def lce_forward(
                 grad_w32 += _mm32(g.T, h_c)
         del x, g
     loss = row_loss.sum() * inv_n
-    if need_h and h.dtype == torch.float32:
-        grad_h.mul_(inv_n)
-    grad_w = None
+    unscale = inv_n / g_scale
+    if need_h:
+        grad_h.mul_(unscale)
     if need_weight:
-        grad_w = grad_w32.mul_(inv_n).to(weight.dtype)
-    return loss, grad_h, grad_w
+        grad_w32.mul_(unscale)
+    return loss, grad_h, grad_w32
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +286,9 @@ def _lce_fwd_op(
     need_weight: bool,
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss 0-d fp32, d loss / d h (N, d) in h's dtype, d loss / d weight (V, d) in weight's
-    dtype), both gradients contiguous; one not asked for is an empty (0,) tensor."""
+    """(loss 0-d fp32, d loss / d h (N, d) fp32, d loss / d weight (V, d) fp32), both
+    gradients contiguous; one not asked for is an empty (0,) tensor. The backward scales them
+    by grad_output in fp32 and only then rounds to the inputs' dtypes."""
     loss, grad_h, grad_w = lce_forward(
         h,
         weight,
@@ -282,16 +300,17 @@ def _lce_fwd_op(
         chunk_size=chunk_size,
     )
     # a gradient not asked for: an empty tensor of its own (outputs may not alias each other)
-    grad_h = h.new_empty(0) if grad_h is None else grad_h
-    return loss, grad_h, h.new_empty(0) if grad_w is None else grad_w
+    grad_h = h.new_empty(0, dtype=torch.float32) if grad_h is None else grad_h
+    return loss, grad_h, h.new_empty(0, dtype=torch.float32) if grad_w is None else grad_w
 
 
 @_lce_fwd_op.register_fake
 def _(h, weight, targets, ignore_index, label_smoothing, need_h, need_weight, chunk_size):
+    f32 = torch.float32
     return (
-        h.new_empty((), dtype=torch.float32),
-        h.new_empty(h.shape) if need_h else h.new_empty(0),
-        weight.new_empty(weight.shape) if need_weight else h.new_empty(0),
+        h.new_empty((), dtype=f32),
+        h.new_empty(h.shape, dtype=f32) if need_h else h.new_empty(0, dtype=f32),
+        weight.new_empty(weight.shape, dtype=f32) if need_weight else h.new_empty(0, dtype=f32),
     )
 
 
@@ -299,6 +318,7 @@ def _lce_setup(ctx, inputs, output):
     need_h, need_w = inputs[5:7]
     _, grad_h, grad_w = output
     ctx.mark_non_differentiable(grad_h, grad_w)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     # Only the precomputed gradients are saved, never h or the (ZeRO-3) weight; None, not the
     # empty placeholder, for one not asked for.
     ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
@@ -307,9 +327,11 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward(ctx, grad_out, _dgrad_h, _dgrad_w):
     # _dgrad_h, _dgrad_w: the saved gradients are non-differentiable outputs
     grad_h, grad_w = ctx.saved_tensors  # None where need_h / need_weight was False
-    # out of place: a second backward (retain_graph) must see the unscaled gradients
-    dh = grad_h * grad_out if grad_h is not None else None
-    dw = grad_w * grad_out if grad_w is not None else None
+    # Out of place: a second backward (retain_graph) must see the unscaled gradients. In fp32,
+    # rounded to the inputs' dtypes only after grad_out (an fp16 loss scale) multiplied them.
+    dt_h, dt_w = ctx.dtypes
+    dh = (grad_h * grad_out).to(dt_h) if grad_h is not None else None
+    dw = (grad_w * grad_out).to(dt_w) if grad_w is not None else None
     return dh, dw, None, None, None, None, None, None
 
 
@@ -382,6 +404,6 @@ def compile_targets(arch: int, dtype: torch.dtype):
                 "name": "lce.ce_rows" + ("" if write else "_loss_only"),
                 "config": f"{label}{' smooth' if smooth else ''}",
                 "kernel": _ce_rows_kernel,
-                "args": (x, g, t, loss, M, V, -100, 0.1 if smooth else 0.0),
+                "args": (x, g, t, loss, M, V, -100, 0.1 if smooth else 0.0, G_SCALE_FP16),
                 "kwargs": {"SMOOTH": smooth, "WRITE_GRAD": write, **cfg},
             }

@@ -231,3 +231,38 @@ def test_triton_matches_ref_through_the_public_op(monkeypatch):
     for name, got, want in zip(NAMES, results["triton"], results["ref"]):
         tol = {"atol": 1e-5 * want.abs().max().item(), "rtol": 1e-4}
         torch.testing.assert_close(got, want, **tol, msg=name)
+
+
+def norm_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+# DeepSpeed's fp16 engine starts its dynamic loss scale at 2**16 (initial_scale_power 16) and
+# keeps it there while no step overflows; 2**10 is where it settles after a few overflows.
+@pytest.mark.parametrize("loss_scale", [2.0**16, 2.0**10])
+def test_fp16_loss_scaling_keeps_gradient_precision(loss_scale):
+    """fp16 training multiplies the loss by a scale S, so that small gradients survive fp16;
+    the fused op computes its gradients in the forward, before S is known. They must not be
+    rounded to fp16 before S multiplies them: d h / n of a 1024-row batch sits in fp16's
+    subnormal range (below 6.1e-5), where rounding first flushes or coarsens it. What the
+    optimiser sees, the stored h.grad / S and w.grad / S, must be as close to the fp64
+    definition as PyTorch's own fp16 computation (the reference, autograd scaling d logits by S
+    before rounding them): at most twice its error, and no more entries flushed to zero."""
+    N, V, d = 1024, 1024, 64
+    h = torch.randn(N, d, device=DEVICE).half()
+    w = (torch.randn(V, d, device=DEVICE) * 0.02).half()  # a freshly initialised tied head
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    exact = loss_and_grads(naive_lce, h.double(), w.double(), t)[1:]
+    stored = {}
+    for name, fn, kw in (("kernel", kernel_lce, {"chunk_size": 256}), ("ref", ref_lce, {})):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        (fn(hh, ww, t, **kw) * loss_scale).backward()
+        assert hh.grad.dtype == ww.grad.dtype == torch.float16
+        stored[name] = (hh.grad.double() / loss_scale, ww.grad.double() / loss_scale)
+    for i, what in enumerate(("d h", "d weight")):
+        err = {k: norm_err(g[i], exact[i]) for k, g in stored.items()}
+        flushed = {k: ((g[i] == 0) & (exact[i] != 0)).double().mean().item()
+                   for k, g in stored.items()}  # fmt: skip
+        msg = f"{what} at scale {loss_scale:g}: relative error {err}, flushed to zero {flushed}"
+        assert err["kernel"] <= 2 * err["ref"], msg
+        assert flushed["kernel"] <= flushed["ref"], msg
