@@ -14,7 +14,6 @@ so batch_size // num_beams images), chosen from the device unless given.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -156,22 +155,12 @@ class Prepared:
 
 # ---------------------------------------------------------------------- images in any form
 def _decode(data: bytes) -> Tensor:
-    """Encoded bytes -> (3, H, W) uint8: torchvision's decoder (what fastcap-caption uses),
-    then PIL for the formats torchvision lacks (BMP, TIFF, ...). ValueError if neither can."""
-    from torchvision.io import ImageReadMode, decode_image
+    """Encoded bytes -> (3, H, W) uint8: the bounded decoder every reader shares
+    (:func:`fastcap.data.images.decode_rgb`: the first frame of an animated image, torchvision
+    for JPEG/PNG/WebP, PIL for the rest). ValueError (one line) if it cannot."""
+    from fastcap.data.images import decode_rgb
 
-    if not data:
-        raise ValueError("zero-byte file")
-    try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
-        return img[0] if img.ndim == 4 else img  # an animated GIF: its first frame
-    except RuntimeError as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return _from_pil(im)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise ValueError(f"not an image that can be decoded ({first})") from None
+    return decode_rgb(data)
 
 
 def _from_pil(im: Image.Image) -> Tensor:

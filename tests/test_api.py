@@ -164,7 +164,7 @@ def test_return_attention_is_the_cli_picture(cap, tiny_run, shape_pngs, tmp_path
     [
         ("/no/such/file.png", r"image 0 \(/no/such/file.png\): cannot read the file"),
         (b"", "image 0: zero-byte file"),
-        (b"GIF89a not really", "image 0: not an image that can be decoded"),
+        (b"GIF89a not really", "image 0: not an image"),
         (np.zeros((8, 8, 2), np.uint8), r"C = 1, 3 or 4, got shape \(2, 8, 8\)"),
         (np.zeros((8, 8), np.uint16), "expected uint8 or floats in \\[0, 1\\], got numpy uint16"),
         (np.zeros((8,), np.uint8), "2 or 3 dims"),

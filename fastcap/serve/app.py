@@ -2,9 +2,17 @@
 
 ``create_app(captioner)`` builds it around an :class:`fastcap.api.ImageCaptioner`. A request
 is read by the framework (asynchronously: a slow upload holds only its own connection), its
-images are checked and decoded in the framework's thread pool, and the decoding itself runs in
-the :class:`~fastcap.serve.batcher.Batcher`'s worker thread, batched with the other requests
-that arrive within the window and share the options.
+images are checked and decoded in the framework's thread pool (by the one bounded decoder of
+:mod:`fastcap.data.images`: the header first, one frame, the crop before the resize; at most
+``Limits.max_concurrent_decodes`` at once), and the captioning runs in the
+:class:`~fastcap.serve.batcher.Batcher`'s worker thread, batched with the other requests that
+arrive within the window and share the options.
+
+What one request can cost is bounded before anything is decoded: its body (``max_upload_bytes``),
+its images (``max_images``), each image's pixels from its header (``max_pixels``), so each decode
+allocates at most ``max_decode_bytes`` = ``max_pixels`` x
+:data:`~fastcap.data.images.DECODE_BYTES_PER_PIXEL`, and at most ``max_concurrent_decodes`` run at
+once: the decoders' memory is bounded by their product, whatever the clients send.
 
 Every answer that is not a 200 is ``{"error": "..."}`` with a status that says whose fault it
 is: 400 malformed body or base64, 413 too large (body bytes, pixels, images per request), 415
@@ -19,10 +27,11 @@ import binascii
 import io
 import json
 import logging
+import os
+import threading
 import time
-import warnings
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Literal
 
@@ -37,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastcap import __version__
 from fastcap.api import OPTION_NAMES, Caption, DecodeOptions, ImageCaptioner, Prepared
+from fastcap.data.images import ImageError, decode_bytes_limit, decode_rgb
 from fastcap.serve.batcher import Batcher, Overloaded
 
 log = logging.getLogger("fastcap.serve")
@@ -49,7 +59,10 @@ class Limits:
     max_upload_bytes: int = 16 * 2**20
     """Request body size (413); checked from Content-Length before reading, and while reading."""
     max_pixels: int = 4096 * 4096
-    """Width x height of one image, read from its header before it is decoded (413)."""
+    """Width x height of one image (its first frame: the only one decoded), read from its
+    header before it is decoded (413)."""
+    max_concurrent_decodes: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    """Images decoded at once, across requests (the others wait their turn)."""
     max_images: int = 16
     """Images in one request (413)."""
     max_beams: int = 8
@@ -268,35 +281,27 @@ def _options(raw: dict, limits: Limits, cap: ImageCaptioner) -> tuple[DecodeOpti
     return opts, o.attention_maps
 
 
-def _prepare(cap: ImageCaptioner, blobs: list, attention: bool, limits: Limits) -> list[Prepared]:
-    """Check each image's size from its header, then decode it (in a pool thread)."""
+def _prepare(
+    cap: ImageCaptioner,
+    blobs: list,
+    attention: bool,
+    limits: Limits,
+    gate: threading.Semaphore,
+) -> list[Prepared]:
+    """Decode each image (in a pool thread) by the bounded decoder: header checked first (413
+    over ``max_pixels``, 415 not an image), one frame, at most ``gate``'s count at once."""
     out = []
     for i, (name, data) in enumerate(blobs):
         label = name if name == f"images[{i}]" else f"images[{i}] ({name})"
         if not data:
             raise ApiError(415, f"{label}: empty file, not an image")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as im:
-                    w, h = im.size
-        except Image.DecompressionBombError as e:  # PIL's own limit, far above ours
-            raise ApiError(
-                413, f"{label}: over this server's limit of {limits.max_pixels} pixels ({e})"
-            ) from None
-        except Image.UnidentifiedImageError:
-            raise ApiError(415, f"{label}: not an image (no known image format)") from None
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's answers to a broken header
-            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise ApiError(415, f"{label}: not an image this server can read ({why})") from None
-        if w * h > limits.max_pixels:
-            raise ApiError(
-                413,
-                f"{label}: {w}x{h} is {w * h} pixels, over this server's limit of "
-                f"{limits.max_pixels} pixels",
-            )
+            with gate:
+                u8 = decode_rgb(data, max_pixels=limits.max_pixels)
+        except ImageError as e:
+            raise ApiError(e.status, f"{label}: {e}") from None
         try:
-            out.append(cap.prepare(data, attention=attention))
+            out.append(cap.prepare(u8, attention=attention))
         except ValueError as e:
             raise ApiError(415, f"{label}: {e}") from None
     return out
@@ -352,6 +357,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher, app.state.captioner, app.state.limits = batcher, cap, limits
+    gate = threading.BoundedSemaphore(limits.max_concurrent_decodes)
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
 
     @app.exception_handler(ApiError)
@@ -387,6 +393,8 @@ def create_app(
             "limits": {
                 **asdict(limits),
                 "max_new_tokens": limits.max_new_tokens or cap.max_new_tokens,
+                "max_decode_bytes": decode_bytes_limit(limits.max_pixels),
+                "frames_decoded": 1,
             },
             "batching": batcher.stats(),
         }
@@ -421,7 +429,7 @@ def create_app(
             raise ApiError(
                 413, f"{len(blobs)} images; this server takes at most {limits.max_images} a request"
             )
-        prepared = await run_in_threadpool(_prepare, cap, blobs, attention, limits)
+        prepared = await run_in_threadpool(_prepare, cap, blobs, attention, limits, gate)
         try:
             results, info = await batcher.submit((opts, attention), prepared)
         except Overloaded as e:
