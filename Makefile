@@ -8,7 +8,8 @@ DATA ?= data/shapes
 RUN ?= runs/shapes-tiny
 ARGS ?=
 
-.PHONY: install train scst test test-fast bench gpu-check gpu-wheels lint format clean
+.PHONY: install train scst test test-fast bench gpu-check gpu-wheels lint format clean venv-low \
+	test-low
 
 # the browser test (tests/test_serve.py) drives Debian's headless Chromium through its
 # ChromeDriver; installed once as root (CI), then found on PATH and skipped in a moment
@@ -59,6 +60,35 @@ GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON ?= 3.12
 gpu-wheels: install
 	$(BIN)/python bench/gpu_check/wheels.py --out $(GPU_WHEELS) --python-version $(GPU_PYTHON)
+
+# The low end of the supported range (pyproject.toml), as the lent H200 machine has it: Python
+# 3.12, torch 2.11, Triton 3.6 and no DeepSpeed, in a second ignored venv. Run before a release;
+# results in bench/RESULTS.md. torch 2.11 comes from PyPI (a CUDA 13 build: about 4 GB with its
+# nvidia-* wheels, most of them on this machine's disk).
+LOW := .venv-low
+LOW_PY ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' 2>/dev/null \
+  && echo python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)
+LOW_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0
+venv-low: $(LOW)/.fastcap-installed
+$(LOW)/.fastcap-installed: pyproject.toml
+	@test -n "$(LOW_PY)" || { echo "venv-low needs a python3.12 (set LOW_PY)"; exit 1; }
+	@test -x $(LOW)/bin/python || $(LOW_PY) -m venv $(LOW)
+	$(LOW)/bin/python -m pip install -q --upgrade pip
+	$(LOW)/bin/python -m pip install -q $(LOW_PINS)
+	# fastcap without DeepSpeed, W&B and pycocoevalcap (the GPU machine lacks them), then the
+	# rest of its dependencies at whatever versions resolve beside the low pins
+	$(LOW)/bin/python -m pip install -q --no-deps -e .
+	$(LOW)/bin/python -m pip install -q $(LOW_PINS) tokenizers pillow tqdm numpy pyyaml ninja \
+	  "safetensors>=0.8" fastapi uvicorn python-multipart pytest httpx
+	@touch $@
+
+# what the low end must pass: the fake-CUDA module, the kernels' interpreter tests, the
+# gpu_check dry run's test and the compile-only table (Triton 3.6's ptxas and cuobjdump)
+LOW_TESTS ?= tests/test_fake_cuda.py tests/test_attention.py tests/test_moe.py \
+  tests/test_siglip.py tests/test_lce.py tests/test_custom_ops.py tests/test_gpu_check.py \
+  tests/test_gpu_compile.py
+test-low: venv-low
+	$(LOW)/bin/python -m pytest -q -ra -x $(LOW_TESTS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
