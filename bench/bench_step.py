@@ -136,9 +136,7 @@ def one_rank_steps():
     tokens[:, 0], tokens[torch.arange(B), lens - 1] = mc.bos_id, mc.eos_id
     tokens = tokens.masked_fill(torch.arange(L)[None] >= lens[:, None], mc.pad_id)
     batch = Batch(pixels, tokens, lens, list(range(B)))
-    from fastcap.data.images import normalize
-
-    images = normalize(pixels.to(device))
+    images = pixels.to(device)  # uint8: the model normalises
     tokens_d, lens_d = tokens.to(device), lens.to(device)
 
     model = copy.deepcopy(base)

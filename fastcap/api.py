@@ -327,7 +327,6 @@ class ImageCaptioner:
         batch_size: int | None = None,
     ) -> list[Caption]:
         """Caption prepared images in batches of ``batch_size`` rows -> one Caption each."""
-        from fastcap.data.images import normalize
         from fastcap.generate import decode_texts, generate, length_penalty_factor
 
         rows = batch_size or self.batch_size
@@ -335,7 +334,7 @@ class ImageCaptioner:
         out: list[Caption] = []
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
-            x = normalize(torch.stack([p.pixels for p in part]).to(self.device))
+            x = torch.stack([p.pixels for p in part]).to(self.device)  # uint8: model normalises
             gen = generate(self.model, x, strategy=options.strategy, **options.generate_kwargs())
             texts = decode_texts(self.tokenizer, gen)
             lens = gen.lens.cpu()

@@ -27,14 +27,13 @@ COLS = 6  # word tiles per row
 def cross_attention_maps(model, images: Tensor, tokens: Tensor, lens: Tensor) -> Tensor:
     """Attention over the image grid while generating each token.
 
-    images (B, 3, S, S) normalised; tokens (B, T) generated ids (eos included, pad after);
-    lens (B,) generated lengths. Returns (B, T, g, g) fp32, each row summing to 1 over the
-    g x g image tokens (rows past a caption's length are zero).
+    images (B, 3, S, S) uint8 (the model normalises); tokens (B, T) generated ids (eos
+    included, pad after); lens (B,) generated lengths. Returns (B, T, g, g) fp32, each row
+    summing to 1 over the g x g image tokens (rows past a caption's length are zero).
     """
     cfg = model.cfg
     B, T = tokens.shape
-    dtype = next(model.parameters()).dtype
-    img_tokens, _ = model.encode_image(images.to(dtype))
+    img_tokens, _ = model.encode_image(images)  # uint8 or float: the encoder casts
     img_kv = model.image_kv(img_tokens)
     bos = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=tokens.device)
     inputs = torch.cat([bos, tokens[:, :-1]], dim=1)  # position i predicts tokens[:, i]
@@ -154,7 +153,7 @@ def write_maps(
     lens: Tensor,
     paths: list[str | Path],
 ) -> list[Path]:
-    """One PNG per image. images (B, 3, S, S) normalised (the model's input); display: the same
+    """One PNG per image. images (B, 3, S, S) uint8 (the model's input); display: the same
     images as PIL RGB at a larger size; tokens (B, T) / lens (B,) the captions to explain."""
     maps = cross_attention_maps(model, images, tokens, lens).cpu().numpy()  # (B, T, g, g)
     out = []

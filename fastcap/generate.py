@@ -178,7 +178,7 @@ def _start(model, images: Tensor | None, image_tokens: Tensor | None, repeat: in
     if image_tokens is None:
         if images is None:
             raise ValueError("give images (B, 3, S, S) or image_tokens (B, N, d)")
-        image_tokens, _ = model.encode_image(images.to(_model_dtype(model)))
+        image_tokens, _ = model.encode_image(images)  # uint8 or float: the encoder casts
     # contiguous once: every step reads them, strided reads cost more
     img_kv = [(k.contiguous(), v.contiguous()) for k, v in model.image_kv(image_tokens)]
     if repeat > 1:
@@ -335,7 +335,7 @@ def greedy(
     static: bool = False,
     fixed_length: bool = False,
 ) -> Generated:
-    """Greedy decoding of normalised images (B, 3, S, S) -> Generated with B rows.
+    """Greedy decoding of images (B, 3, S, S) (uint8: the model normalises) -> Generated.
 
     ``max_new_tokens`` defaults to the model's ``max_len - 1``. ``use_cache=False`` recomputes
     the whole prefix at every step (same result, the baseline for benchmarks).

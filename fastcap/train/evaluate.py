@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fastcap.cider import cider_d
 from fastcap.data.captionset import CaptionSet
-from fastcap.data.images import normalize
+from fastcap.data.features import eval_inputs
 from fastcap.data.shapes import caption_correct
 from fastcap.data.sources import load_split_records, open_split
 from fastcap.generate import decode_texts, generate
@@ -47,12 +47,11 @@ def decode_split(
     model.eval()
     n = len(cs) if limit is None else min(limit, len(cs))
     R = decode_kwargs.get("num_return_sequences", 1)
-    dtype = next(model.parameters()).dtype
     texts_out: dict[int, str] = {}
     scores_out: dict[int, float] = {}
     for s in tqdm(range(0, n, batch_size), desc="caption", disable=not progress, leave=False):
         idx = torch.arange(s, min(s + batch_size, n))
-        images = normalize(cs.images[idx].to(device)).to(dtype)  # the model's own precision
+        images = eval_inputs(model, cs, idx, device)  # uint8, or a frozen trunk's maps
         gen = generate(model, images, strategy=strategy, **decode_kwargs)
         texts = decode_texts(tokenizer, gen)[::R]
         for i, t, sc in zip(idx.tolist(), texts, gen.scores[::R].tolist()):
@@ -86,11 +85,10 @@ def embeddings(
     """
     model.eval()
     n = len(cs) if limit is None else min(limit, len(cs))
-    dtype = next(model.parameters()).dtype
     img_e, txt_e, owner = [], [], []
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(s + batch_size, n))
-        img_tokens, pooled = model.encode_image(normalize(cs.images[idx].to(device)).to(dtype))
+        img_tokens, pooled = model.encode_image(eval_inputs(model, cs, idx, device))
         img_e.append(F.normalize(pooled.float(), dim=-1))
         kv = model.image_kv(img_tokens)
         for c in range(cs.tokens.shape[1]):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fastcap.bundle import write_bundle
+from fastcap.data.features import split_features
 from fastcap.data.records import Batch
 from fastcap.data.sources import check_spec
 from fastcap.data.tokenizer import CaptionTokenizer
@@ -30,7 +31,7 @@ from fastcap.train.collectives import any_rank
 from fastcap.train.config import ConfigError, TrainConfig, to_dict
 from fastcap.train.evaluate import final_eval, periodic_eval, write_metrics
 from fastcap.train.inputs import open_run_data, with_tokenizer
-from fastcap.train.scst import CiderReward, SelfCritical
+from fastcap.train.scst import objective_factory, read_init
 from fastcap.train.selection import BestKeeper, resolve_metric
 from fastcap.train.signals import GracefulStop, StopRequested
 from fastcap.train.step import StepRunner
@@ -42,28 +43,6 @@ log = logging.getLogger("fastcap.train")
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
-
-
-def read_init(cfg: TrainConfig) -> tuple[dict, Path]:
-    """(weights, tokenizer path) of the run ``cfg.scst.init`` that an SCST run starts from;
-    ConfigError (one line) when it is not a finished run or its weights do not fit
-    ``cfg.model``."""
-    from fastcap.runs import RunError, read_model
-
-    try:
-        state, _, tok_path, _ = read_model(cfg.scst.init)
-    except RunError as e:
-        raise ConfigError(f"--init: {e}") from None
-    tok = CaptionTokenizer.load(tok_path)
-    want = ckpt.model_shapes(with_tokenizer(cfg.model, tok))
-    got = {k: list(v.shape) for k, v in state.items()}
-    if want != got:
-        bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        raise ConfigError(
-            f"--init {cfg.scst.init}: its weights do not fit this config's model (first "
-            f"difference: {bad[0]}); drop the model.* overrides"
-        )
-    return state, tok_path
 
 
 class Trainer:
@@ -130,6 +109,17 @@ class Trainer:
         self.shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         self.precision = eng.resolve_precision(cfg, self.device)
         self.model.to(self.device)
+        # a trunk frozen for the whole run: its maps of the training images, once (before the
+        # engine: under ZeRO-3 the trunk's parameters are partitioned after it)
+        self.features = None
+        if mc.freeze_trunk:
+            self.features = split_features(
+                self.model.vision,
+                self.train,
+                cfg.data.feature_cache,
+                device=self.device,
+                progress=self.is_main,
+            )
         self.steps_per_epoch = self.train.steps_per_epoch(cfg.batch_size)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"batch_size {cfg.batch_size} > {len(self.train)} training images")
@@ -149,6 +139,7 @@ class Trainer:
             device=self.device,
             dtype=eng.DTYPES[self.precision],
             objective_for=self._scst_objective() if cfg.scst.enabled else None,
+            features=self.features,
         )
         try:
             metric = resolve_metric(cfg.select_metric, self.val)
@@ -352,31 +343,15 @@ class Trainer:
         m.load_state_dict(state)
         return m.to(eng.DTYPES[self.precision]).eval()
 
-    # ------------------------------------------------------------------ SCST
     def _scst_objective(self):
-        """micro-batch -> its :class:`SelfCritical` objective, rewarded by CIDEr-D against the
-        training references; sampling seeded by (seed, step, rank, micro-batch), so a resumed
-        run draws the same captions."""
-        sc, cfg = self.cfg.scst, self.cfg
-        refs = {r.id: r.captions for r in self.train.records}
-        reward = CiderReward(refs, self.tok)
-        lambda_aux = cfg.model.lambda_aux if cfg.model.moe.enabled else 0.0
-
-        def objective_for(mb) -> SelfCritical:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(((cfg.seed * 1_000_003 + self.step) * 1009 + self.rank) * 64 + mb.index)
-            return SelfCritical(
-                reward,
-                mb.ids,
-                samples=sc.samples,
-                baseline=sc.baseline,
-                temperature=sc.temperature,
-                top_p=sc.top_p,
-                max_new_tokens=sc.max_new_tokens or None,
-                lambda_aux=lambda_aux,
-                generator=gen,
-                # every rank makes the same module calls, which ZeRO-3's gathers pair up
-                fixed_length=self.world > 1 and self.stage == 3,
-            )
-
-        return objective_for
+        """micro-batch -> its SCST objective (:func:`fastcap.train.scst.objective_factory`),
+        seeded by the step this trainer is at."""
+        return objective_factory(
+            self.cfg,
+            self.train.records,
+            self.tok,
+            device=self.device,
+            rank=self.rank,
+            fixed_length=self.world > 1 and self.stage == 3,
+            step=lambda: self.step,
+        )

@@ -24,12 +24,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from fastcap.cider import CiderD
+from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.generate import Generated, greedy_no_grad, sample_no_grad
+from fastcap.train import checkpoint as ckpt
+from fastcap.train.config import ConfigError, TrainConfig
+from fastcap.train.inputs import with_tokenizer
 
 
 class CiderReward:
@@ -153,3 +158,65 @@ class SelfCritical:
         if self.baseline == "greedy":
             out["scst/greedy_reward"] = rg.mean()
         return out
+
+
+# ---------------------------------------------------------------------- the trainer's side
+
+
+def read_init(cfg: TrainConfig) -> tuple[dict, Path]:
+    """(weights, tokenizer path) of the run ``cfg.scst.init`` that an SCST run starts from;
+    ConfigError (one line) when it is not a finished run or its weights do not fit
+    ``cfg.model``."""
+    from fastcap.runs import RunError, read_model
+
+    try:
+        state, _, tok_path, _ = read_model(cfg.scst.init)
+    except RunError as e:
+        raise ConfigError(f"--init: {e}") from None
+    tok = CaptionTokenizer.load(tok_path)
+    want = ckpt.model_shapes(with_tokenizer(cfg.model, tok))
+    got = {k: list(v.shape) for k, v in state.items()}
+    if want != got:
+        bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError(
+            f"--init {cfg.scst.init}: its weights do not fit this config's model (first "
+            f"difference: {bad[0]}); drop the model.* overrides"
+        )
+    return state, tok_path
+
+
+def objective_factory(
+    cfg: TrainConfig,
+    records,
+    tokenizer,
+    *,
+    device: torch.device,
+    rank: int,
+    fixed_length: bool,
+    step: Callable[[], int],
+) -> Callable:
+    """micro-batch -> its :class:`SelfCritical` objective, rewarded by CIDEr-D against the
+    training ``records``' references; sampling seeded by (seed, ``step()``, rank,
+    micro-batch), so a resumed run draws the same captions. ``fixed_length``: ZeRO-3 over
+    several ranks, where every rank must make the same module calls (its gathers pair up)."""
+    sc = cfg.scst
+    reward = CiderReward({r.id: r.captions for r in records}, tokenizer)
+    lambda_aux = cfg.model.lambda_aux if cfg.model.moe.enabled else 0.0
+
+    def objective_for(mb) -> SelfCritical:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(((cfg.seed * 1_000_003 + step()) * 1009 + rank) * 64 + mb.index)
+        return SelfCritical(
+            reward,
+            mb.ids,
+            samples=sc.samples,
+            baseline=sc.baseline,
+            temperature=sc.temperature,
+            top_p=sc.top_p,
+            max_new_tokens=sc.max_new_tokens or None,
+            lambda_aux=lambda_aux,
+            generator=gen,
+            fixed_length=fixed_length,
+        )
+
+    return objective_for

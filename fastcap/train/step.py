@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastcap.data.images import normalize
 from fastcap.data.records import Batch
 from fastcap.train.collectives import all_finite, mean_over_ranks
 
@@ -30,7 +29,7 @@ class Micro:
     """One micro-batch on the device: rows [lo, hi) of this rank's batch."""
 
     index: int
-    images: torch.Tensor  # (b, 3, S, S) normalised, in the engine's dtype
+    images: torch.Tensor  # (b, 3, S, S) uint8, or the trunk's cached features (b, C, g, g)
     tokens: torch.Tensor  # (b, L), L = the longest caption of the slice
     lens: torch.Tensor  # (b,)
     ids: list[int]  # the images' record ids
@@ -44,11 +43,16 @@ def micro_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def to_micro(batch: Batch, index: int, lo: int, hi: int, device, dtype) -> Micro:
+def to_micro(batch: Batch, index: int, lo: int, hi: int, device, dtype, features=None) -> Micro:
+    """Rows [lo, hi) of ``batch`` on ``device``: uint8 images (the model normalises them for
+    its trunk), or, with ``features`` (a :class:`fastcap.data.features.FeatureTable` of a
+    frozen trunk), the images' cached trunk maps in the engine's ``dtype``."""
     lens = batch.lens[lo:hi]
     L = int(lens.max())
-    images = normalize(batch.images[lo:hi].to(device, non_blocking=True))
-    images = images.to(dtype)  # a bf16/fp16 engine's first convolution wants its own dtype
+    if features is not None:
+        images = features.lookup(batch.ids[lo:hi]).to(device, dtype, non_blocking=True)
+    else:
+        images = batch.images[lo:hi].to(device, non_blocking=True)
     tokens = batch.tokens[lo:hi, :L].to(device)
     return Micro(index, images, tokens, lens.to(device), batch.ids[lo:hi])
 
@@ -70,7 +74,8 @@ def forward_micro(engine, mb: Micro, p: float, generator, capture: bool, objecti
 class StepRunner:
     """Runs optimiser steps of one engine; ``device`` serves the process group's collectives,
     ``dtype`` is the engine's parameter dtype; ``objective_for(micro)``, if given, makes the
-    training objective of each micro-batch (SCST), else the model's own losses are used."""
+    training objective of each micro-batch (SCST), else the model's own losses are used;
+    ``features`` (a frozen trunk's cached maps) replace the images when given."""
 
     def __init__(
         self,
@@ -80,15 +85,16 @@ class StepRunner:
         device: torch.device,
         dtype: torch.dtype,
         objective_for=None,
+        features=None,
     ):
         self.engine, self.parts, self.device, self.dtype = engine, grad_accum, device, dtype
-        self.objective_for = objective_for
+        self.objective_for, self.features = objective_for, features
 
     def _stand_in(self, batch: Batch, p: float, poison: bool) -> None:
         """Forward + backward of one blank sample at weight 0. ``poison`` (no micro-batch of
         the step was usable) makes the gradient non-finite instead, so that the engine
         discards the whole update rather than apply stale Adam momentum."""
-        mb = to_micro(batch, -1, 0, 1, self.device, self.dtype)
+        mb = to_micro(batch, -1, 0, 1, self.device, self.dtype, self.features)
         mb.images.zero_()
         gen = torch.Generator().manual_seed(0)  # the run's own generator must not move
         out = forward_micro(self.engine, mb, p, gen, capture=False)
@@ -112,7 +118,7 @@ class StepRunner:
             if hi == lo:  # a batch shorter than grad_accum: nothing to learn from here
                 self._stand_in(batch, p, poison)
                 continue
-            mb = to_micro(batch, a, lo, hi, self.device, self.dtype)
+            mb = to_micro(batch, a, lo, hi, self.device, self.dtype, self.features)
             objective = self.objective_for(mb) if self.objective_for else None
             out = forward_micro(engine, mb, p, generator, capture and a == 0, objective)
             if not all_finite(out["loss"], self.device):  # a vote: every rank skips together
