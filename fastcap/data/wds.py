@@ -23,10 +23,18 @@ round-robin, skipping exhausted streams. All of that is computed from the shard 
 position of a run is just (epoch, batch index): resume skips the consumed samples of each stream
 (reading, not decoding, them) and continues bit-identically. Batches depend on ``num_workers``:
 resume with the same value.
+
+A shard cut short or corrupt (webdataset skips the rest of it, with a warning) holds fewer
+samples than ``sizes.json`` says: the stream counts each missing sample as a bad record (named
+``SHARD#missing-N``, subject to ``max_bad_fraction``) and makes up its planned batches by reading
+its shards again, in a new order, from the start (as ``DistributedSampler`` pads a rank by
+repeating samples). So every stream yields the batches the plan counted, every rank takes the
+same number of steps, and resume, which replays the same reads, stays exact.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import logging
@@ -52,7 +60,7 @@ from fastcap.data.records import (
 
 log = logging.getLogger("fastcap.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TEXT_EXTS = ("json", "txt")
 FORMAT = (
     "webdataset tar shards, a brace pattern such as shards/train-{000000..000099}.tar, "
@@ -167,10 +175,13 @@ def _round_robin(counts: list[int]) -> list[int]:
 
 
 class _Stream(IterableDataset):
-    """One stream of one rank for one epoch: yields (images, tokens, lens, ids, bad)."""
+    """One stream of one rank for one epoch: yields (images, tokens, lens, ids, bad), exactly
+    ``planned`` times (see the module docstring on short shards)."""
 
-    def __init__(self, urls, skip, local, seed, tokenizer, image_size, max_len, buffer):
-        self.urls, self.skip, self.local, self.seed = urls, skip, local, seed
+    def __init__(self, urls, sizes, planned, skip, local, seed, tokenizer, image_size, max_len,
+                 buffer):  # fmt: skip
+        self.urls, self.sizes, self.planned = urls, sizes, planned
+        self.skip, self.local, self.seed = skip, local, seed
         self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
         self.buffer = buffer
 
@@ -202,13 +213,35 @@ class _Stream(IterableDataset):
         except Exception as e:  # a bad sample never kills the worker
             return None, (name, short_reason(e))
 
-    def __iter__(self):
-        rng = random.Random(self.seed)
+    def _passes(self, rng: random.Random, missing: list):
+        """The stream's samples through the shuffle buffer: one pass over its shards, then
+        (only if the consumer still wants batches: the shards were short) further passes in
+        new orders. The first pass appends each shard's missing samples to ``missing``."""
         urls = list(self.urls)
         rng.shuffle(urls)
+        seen: collections.Counter = collections.Counter()
+
+        def first():
+            for s in _samples(urls, _warn_and_continue):
+                seen[s.get("__url__")] += 1
+                yield s
+            for u, n in zip(self.urls, self.sizes):
+                if seen[u] < n:
+                    log.warning("%s: %d of %d samples read; the rest count as bad", u, seen[u], n)
+                    why = f"shard cut short or corrupt: {seen[u]} of {n} samples (sizes.json) read"
+                    missing.extend((f"{u}#missing-{i}", why) for i in range(n - seen[u]))
+
+        yield from self._shuffled(first(), rng)
+        while sum(seen.values()):  # a pass that reads nothing: give up
+            rng.shuffle(urls)
+            yield from self._shuffled(_samples(urls, _warn_and_continue), rng)
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        missing: list = []
         group: list[dict] = []
         done = 0
-        for s in self._shuffled(_samples(urls, _warn_and_continue), rng):
+        for s in self._passes(rng, missing):
             group.append(s)
             if len(group) < self.local:
                 continue
@@ -220,12 +253,22 @@ class _Stream(IterableDataset):
             for smp in group:
                 item, why = self._decode(smp, cap_rng)
                 (good.append(item) if why is None else bad.append(why))
+            bad = missing + bad
+            missing.clear()
             group, done = [], done + 1
             if good:
                 imgs, seqs, ids = zip(*good)
                 b = collate(list(imgs), list(seqs), list(ids), self.tokenizer.pad_id)
                 yield b.images, b.tokens, b.lens, b.ids, bad
             else:
+                yield None, None, None, None, bad
+            if done >= self.planned:
+                return
+        while done < self.planned:  # nothing readable at all: every planned batch is bad
+            bad = list(missing) or [(str(self.urls[0]), "no readable sample")]
+            missing.clear()
+            done += 1
+            if done > self.skip:
                 yield None, None, None, None, bad
 
 
@@ -315,9 +358,12 @@ class WdsSet:
         order = _round_robin(self._counts(local, rank, world))[:steps]
         done = order[:start]
         iters = []
+        counts = self._counts(local, rank, world)
         for s, shards in enumerate(self._stream_shards(rank, world)):
             ds = _Stream(
                 [self.urls[i] for i in shards],
+                [self.sizes[i] for i in shards],
+                counts[s],
                 done.count(s),
                 local,
                 f"{seed}/{epoch}/{rank}/{s}",
