@@ -76,7 +76,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from fastcap.common import capability
@@ -257,6 +257,13 @@ class FakeGPU:
                 if b is not None:
                     mod._buffers[n] = self.fake(b, dtype=dtype)
         return module
+
+    @staticmethod
+    def host():
+        """A context in which tensors are real again: host work on real data (decoding an
+        uploaded image: torchvision's decoder has no fake kernel and would read the fake
+        tensor's missing bytes)."""
+        return unset_fake_temporarily()
 
     # ------------------------------------------------------------------ host reads
     def _read(self, t: torch.Tensor):

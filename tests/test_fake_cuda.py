@@ -366,7 +366,8 @@ def test_load_and_caption(gpu, tmp_path):
         one = cap.caption(pics[0])
         many = cap.caption(pics, strategy="beam", num_beams=2)
         # the server's batch call: uploads read by _prepare, one caption_prepared per batch
-        items = _prepare(cap, blobs, False, Limits(), threading.Semaphore(1))
+        with g.host():  # the server decodes uploads on the CPU, before the batch
+            items = _prepare(cap, blobs, False, Limits(), threading.Semaphore(1))
         served = cap.caption_prepared(items, DecodeOptions(strategy="greedy"))
     assert isinstance(one.text, str) and len(many) == 3 and len(served) == 2
     # CPU tensors only where the host prepares images or reads results back
