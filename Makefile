@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned: pip takes them from this machine's disk (about a minute)
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,lite]"
 	@touch $(STAMP)
 
 $(DATA)/dataset.json: | $(STAMP)

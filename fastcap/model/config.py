@@ -69,7 +69,7 @@ class ModelConfig:
     1280-channel conv head, ConvNeXt's last stage) instead of the output of the stage at
     trunk_stride; needs trunk_stride = the backbone's last reduction (32)."""
     dropout: float = 0.0
-    """Dropout on the trunk's features (before the projection), the decoder's token embeddings
+    """Dropout on the projected trunk features (the image tokens), the decoder's token embeddings
     and each decoder block's residual branches; 0 disables. A regulariser for small datasets
     (the photos preset: a few thousand captions)."""
     trunk_norm: str = "group"
