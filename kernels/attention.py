@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastcap.common.capability import OPTIN_SHARED, shared_memory_limit
 from fastcap.common.rope import rope_cos_sin
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "EMPTY_ROW_LSE", "MAX_HEAD_DIM"]
@@ -501,13 +502,64 @@ _DQ_SHAPES = [
 ]
 _INTERPRET_BLOCKS = (16, 16)  # fixed under TRITON_INTERPRET=1: forces multi-block loops on CPU
 _CHECKED_HEAD_DIMS = (64, 128, 256)  # compiled by tests/gpu_compile.py: the top of each range
+_KIND = {"fwd": _FWD_SHAPES, "dkdv": _DKDV_SHAPES, "dq": _DQ_SHAPES}
+
+# Shared memory per block, bytes, of each (kernel, BLOCK_M, BLOCK_N, warps, stages) by code
+# family (80: mma.sync + cp.async, sm_80 to sm_89; 90: Hopper) and padded head dim (BLOCK_D 64,
+# 128, 256; 16 and 32 take the 64 figure), as tests/gpu_compile.py measured them with Triton 3.8
+# for 16-bit inputs (causal + kv_lens + RoPE: the most code). The pruning compares them with the
+# device's opt-in limit (an A10, L4 or RTX 4090 has 99 KB, an A100 163 KB, an H100 227 KB); the
+# compile-only table fails any row whose compiled kernel needs more than its figure here, so a
+# Triton that allocates more is caught there, not at a launch. fp32 inputs: twice the figure.
+# fmt: off
+_SHARED_BYTES: dict[tuple, dict[int, dict[int, int]]] = {
+    ('dkdv', 16, 16, 8, 2): {80: {64: 12928, 128: 25216, 256: 49792},
+                            90: {64: 13952, 128: 26240, 256: 50816}},
+    ('dkdv', 16, 32, 4, 2): {80: {64: 16512, 128: 33920}, 90: {64: 17536, 128: 34944}},
+    ('dkdv', 16, 64, 4, 2): {80: {64: 24704}, 90: {64: 29824}},
+    ('dkdv', 16, 64, 8, 2): {80: {64: 24704}, 90: {64: 29824, 128: 58496}},
+    ('dkdv', 16, 128, 8, 2): {80: {64: 41088}, 90: {64: 46208}},
+    ('dkdv', 32, 32, 8, 2): {80: {64: 24832, 128: 51456}, 90: {64: 25856, 128: 52480}},
+    ('dkdv', 32, 64, 4, 2): {90: {64: 42240}},
+    ('dkdv', 32, 64, 8, 2): {90: {64: 42240, 128: 83200}},
+    ('dkdv', 32, 128, 8, 2): {90: {64: 58624}},
+    ('dq', 16, 16, 4, 2): {80: {64: 12800, 128: 25088, 256: 49664},
+                            90: {64: 13824, 128: 26112, 256: 50688}},
+    ('dq', 16, 32, 4, 2): {80: {64: 21504, 128: 41984}, 90: {64: 22528, 128: 43008, 256: 83968}},
+    ('dq', 32, 16, 4, 2): {80: {64: 16384, 128: 33792}, 90: {64: 17408, 128: 34816}},
+    ('dq', 64, 16, 4, 2): {80: {64: 24576}, 90: {64: 29696}},
+    ('dq', 64, 16, 8, 2): {80: {64: 24576}, 90: {64: 29696, 128: 58368}},
+    ('dq', 64, 32, 4, 2): {80: {64: 32768}, 90: {64: 41984}},
+    ('dq', 128, 16, 8, 2): {80: {64: 40960}, 90: {64: 46080, 128: 91136}},
+    ('dq', 128, 32, 8, 2): {80: {64: 49152}, 90: {64: 58368}},
+    ('fwd', 16, 64, 4, 2): {80: {64: 36864, 128: 71680, 256: 141312},
+                            90: {64: 37888, 128: 72704, 256: 142336}},
+    ('fwd', 32, 32, 4, 2): {80: {64: 22528, 128: 43008, 256: 83968},
+                            90: {64: 23552, 128: 44032, 256: 84992}},
+    ('fwd', 32, 64, 4, 3): {80: {64: 73728}, 90: {64: 74752}},
+    ('fwd', 64, 64, 4, 3): {80: {64: 73728}, 90: {64: 91136}},
+    ('fwd', 128, 32, 8, 3): {80: {64: 49152, 128: 98304},
+                            90: {64: 58368, 128: 115712, 256: 230400}},
+    ('fwd', 128, 64, 8, 3): {80: {64: 81920}, 90: {64: 99328, 128: 197632}},
+    ('fwd', 128, 128, 8, 3): {90: {64: 181248}},
+}
+# fmt: on
 
 
 def _arch(device: torch.device) -> int:
-    """The checked architecture whose tile limits apply on this device: 90 from Hopper on, else
-    80 (Ampere and Ada compile to the same kind of code; their smaller shared memory only makes
-    the autotuner skip a tile that does not fit)."""
+    """The code family whose tile limits apply on this device: 90 from Hopper on (warpgroup
+    MMA), else 80 (mma.sync and cp.async from sm_80 to sm_89: the same code, and the same shared
+    memory, which is then compared with the device's own limit)."""
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _shared_bytes(kind: str, tile: tuple, arch: int, head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory ``tile`` of kernel ``kind`` needs on ``arch`` at ``head_dim`` (see
+    :data:`_SHARED_BYTES`); a tile without a figure counts as not fitting anywhere."""
+    block_d = max(64, triton.next_power_of_2(head_dim))
+    fam = 90 if arch >= 90 else 80
+    got = _SHARED_BYTES.get((kind, *tile[:4]), {}).get(fam, {}).get(block_d)
+    return 1 << 40 if got is None else got * max(1, itemsize // 2)
 
 
 def _configs(shapes):
@@ -517,31 +569,49 @@ def _configs(shapes):
     ]
 
 
-def _tiles(shapes, arch: int, head_dim: int, lq_bucket: int, lk_bucket: int) -> list[tuple]:
+def _kind(shapes) -> str:
+    return next(k for k, v in _KIND.items() if v is shapes)
+
+
+def _tiles(shapes, arch: int, head_dim: int, lq_bucket: int, lk_bucket: int,
+           shared_limit: int | None = None, itemsize: int = 2) -> list[tuple]:  # fmt: skip
     """(BLOCK_M, BLOCK_N, warps, stages) the autotuner may time: within the tile's head-dim limit
-    on this architecture, and not far longer than the sequence (else the smallest that fits)."""
-    col = {80: 4, 90: 5}[arch]
-    fits = [t[:4] for t in shapes if head_dim <= t[col]]
+    on this architecture (no spill), within ``shared_limit`` bytes of shared memory (the
+    device's opt-in limit; None: the architecture's own), and not far longer than the sequence
+    (else the smallest that fits: a lone config is launched without a trial, so it must fit)."""
+    col = 5 if arch >= 90 else 4
+    if shared_limit is None:
+        shared_limit = OPTIN_SHARED.get((arch // 10, arch % 10), OPTIN_SHARED[(9, 0)])
+    kind = _kind(shapes)
+    fits = [t[:4] for t in shapes if head_dim <= t[col]
+            and _shared_bytes(kind, t, arch, head_dim, itemsize) <= shared_limit]  # fmt: skip
     if not fits:
-        raise ValueError(f"no attention tile for head dim {head_dim} on sm_{arch}")
+        raise ValueError(
+            f"no attention {kind} tile for head dim {head_dim} on sm_{arch} within "
+            f"{shared_limit // 1024} KB of shared memory"
+        )
     kept = [t for t in fits if t[0] <= max(16, lq_bucket) and t[1] <= max(16, lk_bucket)]
     return kept or [min(fits, key=lambda t: t[0] * t[1])]
 
 
-def _reachable(shapes, arch: int, head_dim: int) -> list[tuple]:
+def _reachable(shapes, arch: int, head_dim: int, shared_limit: int | None = None) -> list[tuple]:
     """Every tile :func:`_tiles` keeps for some pair of length buckets."""
     buckets = [2**i for i in range(14)]  # _bucket's range, 1 .. 8192
-    seen = {t for lq in buckets for lk in buckets for t in _tiles(shapes, arch, head_dim, lq, lk)}
+    seen = {t for lq in buckets for lk in buckets
+            for t in _tiles(shapes, arch, head_dim, lq, lk, shared_limit)}  # fmt: skip
     return [t[:4] for t in shapes if t[:4] in seen]
 
 
 def _pruner(shapes):
-    """Early pruning by (architecture of Q's device, head dim, length buckets)."""
+    """Early pruning by (Q's device: its code family and its opt-in shared memory, head dim,
+    length buckets)."""
 
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        keep = _tiles(shapes, _arch(named_args["Q"].device), d, named_args["lq_bucket"],
-                      named_args["lk_bucket"])  # fmt: skip
+        q = named_args["Q"]
+        keep = _tiles(shapes, _arch(q.device), d, named_args["lq_bucket"],
+                      named_args["lk_bucket"], shared_memory_limit(q.device),
+                      q.element_size())  # fmt: skip
         key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         return [c for c in configs if key(c) in keep]
 
@@ -832,7 +902,13 @@ def compile_targets(arch: int, dtype: torch.dtype):
 
     The variant is the one with the most code (causal, kv_lens and RoPE), at head dims 64, 128
     and 256, the top of each tile-limit range, with a length that is no multiple of 16, as a
-    ragged caption batch gives."""
+    ragged caption batch gives. The tiles are those the pruning keeps within the architecture's
+    opt-in shared memory (:data:`fastcap.common.capability.OPTIN_SHARED`); each carries the
+    figure the pruning assumed, which the compiled kernel must not exceed. Nothing below sm_80:
+    the dispatch refuses Triton attention there (``tl.dot`` has no tensor cores)."""
+    if arch < 80:
+        return
+    limit = OPTIN_SHARED[(arch // 10, arch % 10)]
     B, H, L = 2, 4, 200
     for D in _CHECKED_HEAD_DIMS:
         q = torch.empty(B, H, L, D, dtype=dtype, device="meta")
@@ -845,7 +921,7 @@ def compile_targets(arch: int, dtype: torch.dtype):
             "dq": (_bwd_dq_kernel, _DQ_SHAPES, (q, q, q, q, lse, lse, q)),
         }
         for name, (kernel, shapes, tensors) in calls.items():
-            for m, n, w, s in _reachable(shapes, arch, D):
+            for m, n, w, s in _reachable(shapes, arch, D, limit):
                 yield {
                     "name": f"attention.{name}",
                     "config": f"D{D} {m}x{n} w{w} s{s}",
@@ -853,6 +929,8 @@ def compile_targets(arch: int, dtype: torch.dtype):
                     "args": (*tensors, *args),
                     "kwargs": {**meta, "BLOCK_M": m, "BLOCK_N": n, "num_warps": w,
                                "num_stages": s},
+                    "shared_estimate": _shared_bytes(name, (m, n, w, s), arch, D,
+                                                     q.element_size()),
                 }  # fmt: skip
         yield {
             "name": "attention.bwd_delta",

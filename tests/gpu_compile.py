@@ -1,4 +1,5 @@
-"""Compile every Triton kernel for sm_80 and sm_90 without a GPU, and read its resources.
+"""Compile every Triton kernel for sm_75, sm_80, sm_86, sm_89 and sm_90 without a GPU, and read
+its resources and instruction mix.
 
     python tests/gpu_compile.py                  # the table; exit status 1 on any failure
     python tests/gpu_compile.py --module moe     # one kernel module
@@ -12,7 +13,15 @@ launchers can run on that architecture in that dtype:
 * ``name``    ``<module>.<kernel>`` for the table (``attention.fwd``);
 * ``config``  a short label of the tile and the shape (``D128 64x64 w4 s3``);
 * ``args``, ``kwargs``  the call exactly as the launcher makes it, tensors on the ``meta``
-  device, plus the autotuned meta-parameters and ``num_warps`` / ``num_stages``.
+  device, plus the autotuned meta-parameters and ``num_warps`` / ``num_stages``;
+* ``shared_estimate`` (optional)  the bytes of shared memory the launcher's pruning assumes the
+  config needs; a row fails if the compiled kernel needs more (the pruning would then keep a
+  tile that does not fit).
+
+Architectures: sm_75 (T4: fp16 only, no bf16 there; 64 KB of shared memory a block), sm_80
+(A100: 163 KB), sm_86 and sm_89 (A10 / RTX 3090, L4 / RTX 4090: 99 KB), sm_90 (H100 / H200:
+227 KB); the limits are :data:`fastcap.common.capability.OPTIN_SHARED`, and the kernels'
+``compile_targets`` prune with the same limit their launchers read from the device.
 
 The same config lists and pruning functions choose the tiles there and at run time, so what is
 compiled here is what the autotuner may pick. Arguments are specialised as Triton's launcher
@@ -24,9 +33,13 @@ not (``--unaligned`` drops the integer hints, as a model width that is no multip
 
 Each distinct compile runs once (``--jobs`` spawned processes, TRITON_INTERPRET unset, Triton's
 cache in a fresh temporary folder, so nothing is reused across runs), then ``cuobjdump
---dump-resource-usage`` (shipped with Triton) reads the cubin. A row fails when ptxas spilled (a
-stack frame or local memory) or when the shared memory (static plus Triton's dynamic
-allocation) is above the architecture's opt-in limit per block. A module without
+--dump-resource-usage`` (shipped with Triton) reads the cubin, and ``cuobjdump --dump-sass``
+gives its instruction mix: tensor-core instructions (HGMMA: sm_90 warpgroup MMA; HMMA:
+mma.sync), asynchronous copies (LDGSTS: cp.async; TMA: UTMALDG / UBLKCP), and FFMA.
+
+A row fails when ptxas spilled (a stack frame or local memory) or when the shared memory
+(static plus Triton's dynamic allocation) is above the architecture's opt-in limit per block,
+or above the pruning's own estimate for that config. A module without
 ``compile_targets`` fails too: a new kernel file is picked up without editing this one, and
 cannot be forgotten.
 """
@@ -46,11 +59,24 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-ARCHS = (80, 90)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from fastcap.common.capability import OPTIN_SHARED  # noqa: E402 - the policy's table
+
+ARCHS = (75, 80, 86, 89, 90)
 DTYPES = ("fp16", "bf16")
-# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 164 KB minus
-# the 1 KB the driver reserves, H100/H200 228 KB minus 1 KB.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# bf16 needs sm_80 (PTX rejects it below); the capability policy gives a T4 fp16
+ARCH_DTYPES = {75: ("fp16",)}
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), from the one table
+# the launchers' fallback also reads: A100 164 KB minus the 1 KB the driver reserves, ...
+SHARED_LIMIT = {a: OPTIN_SHARED[(a // 10, a % 10)] for a in ARCHS}
+# SASS opcode families counted per cubin (the opcode's first dot-separated word)
+MIX = {
+    "hgmma": ("HGMMA",),
+    "hmma": ("HMMA",),
+    "ldgsts": ("LDGSTS",),
+    "tma": ("UTMALDG", "UTMASTG", "UBLKCP", "UTMAPF"),
+    "ffma": ("FFMA",),
+}
 _TORCH_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _PTR = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64"}
 _FIELDS = ("REG", "STACK", "SHARED", "LOCAL")
@@ -129,11 +155,14 @@ def enumerate_jobs(archs=ARCHS, dtypes=DTYPES, modules=None, unaligned=False):
             continue
         for arch in archs:
             for dt in dtypes:
+                if dt not in ARCH_DTYPES.get(arch, DTYPES):
+                    continue
                 for t in targets(arch, getattr(torch, _TORCH_DTYPE[dt])):
                     job = _job(t, arch, unaligned)
                     jobs.setdefault(job["key"], job)
                     rows.append({"name": t["name"], "config": t["config"], "arch": arch,
-                                 "dtype": dt, "key": job["key"]})  # fmt: skip
+                                 "dtype": dt, "key": job["key"],
+                                 "estimate": t.get("shared_estimate")})  # fmt: skip
     return rows, list(jobs.values())
 
 
@@ -154,6 +183,24 @@ def parse_resource_usage(text: str) -> dict[str, int]:
                     out[name] = int(value)
     if set(out) != set(_FIELDS):
         raise ValueError(f"cannot read cuobjdump's resource usage from:\n{text}")
+    return out
+
+
+def parse_sass_mix(text: str) -> dict[str, int]:
+    """Counts of the :data:`MIX` families in ``cuobjdump --dump-sass`` output."""
+    family = {op: fam for fam, ops in MIX.items() for op in ops}
+    out = dict.fromkeys(MIX, 0)
+    for line in text.splitlines():
+        # "        /*0450*/              @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
+        if "*/" not in line or not line.lstrip().startswith("/*"):
+            continue
+        words = line.split("*/", 1)[1].split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        if words:
+            fam = family.get(words[0].split(".")[0])
+            if fam:
+                out[fam] += 1
     return out
 
 
@@ -178,10 +225,16 @@ def compile_job(job: dict) -> dict:
             f.flush()
             cmd = [_cuobjdump(), "--dump-resource-usage", f.name]
             use = parse_resource_usage(subprocess.run(cmd, capture_output=True, text=True).stdout)
+            cmd = [_cuobjdump(), "--dump-sass", f.name]
+            sass = subprocess.run(cmd, capture_output=True, text=True).stdout
+            mix = parse_sass_mix(sass)
+            if not any(ln.lstrip().startswith("/*") for ln in sass.splitlines()):
+                raise RuntimeError("cuobjdump --dump-sass printed no instruction")
         res = {"regs": use["REG"], "stack": use["STACK"], "local": use["LOCAL"],
-               "shared": use["SHARED"] + k.metadata.shared, "error": None}  # fmt: skip
+               "shared": use["SHARED"] + k.metadata.shared, "error": None, **mix}  # fmt: skip
     except Exception as e:  # a failed compile is a failed row, not a crashed run
-        res = {"regs": 0, "stack": 0, "local": 0, "shared": 0, "error": f"{type(e).__name__}: {e}"}
+        res = {"regs": 0, "stack": 0, "local": 0, "shared": 0, "error": f"{type(e).__name__}: {e}",
+               **dict.fromkeys(MIX, 0)}  # fmt: skip
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -196,6 +249,9 @@ def problems(row: dict) -> list[str]:
     limit = SHARED_LIMIT[row["arch"]]
     if row["shared"] > limit:
         out.append(f"shared {row['shared']} B > sm_{row['arch']} limit {limit} B")
+    est = row.get("estimate")
+    if est is not None and row["shared"] > est:
+        out.append(f"shared {row['shared']} B > the pruning's estimate {est} B")
     return out
 
 
@@ -214,7 +270,7 @@ def run(archs=ARCHS, dtypes=DTYPES, modules=None, jobs: int = 2, unaligned=False
     for row in rows:
         key = row.pop("key")
         if key is None:
-            row.update(regs=0, stack=0, local=0, shared=0, seconds=0.0)
+            row.update(regs=0, stack=0, local=0, shared=0, seconds=0.0, **dict.fromkeys(MIX, 0))
         else:
             row.update(results[key])
         row["problems"] = problems(row)
@@ -224,25 +280,38 @@ def run(archs=ARCHS, dtypes=DTYPES, modules=None, jobs: int = 2, unaligned=False
 def format_table(report: dict) -> str:
     """One line per (kernel, config, arch, dtype), then one per (kernel, arch, dtype)."""
     rows = sorted(report["rows"], key=lambda r: (r["name"], r["arch"], r["dtype"], r["config"]))
-    cols = "{:<22} {:<40} {:>5} {:>5} {:>4} {:>7} {:>6} {:>6}  {}"
-    lines = [cols.format("kernel", "config", "arch", "dtype", "regs", "shared", "stack", "local",
-                         "status")]  # fmt: skip
+    cols = (
+        "{:<22} {:<40} {:>5} {:>5} {:>4} {:>7} {:>7} {:>5} {:>5}  {:>5} {:>5} {:>6} {:>3} {:>5}  {}"
+    )
+    lines = [cols.format("kernel", "config", "arch", "dtype", "regs", "shared", "est", "stack",
+                         "local", "hgmma", "hmma", "ldgsts", "tma", "ffma", "status")]  # fmt: skip
     for r in rows:
         status = "; ".join(r["problems"]) or "ok"
+        est = "-" if r.get("estimate") is None else r["estimate"]
         lines.append(cols.format(r["name"], r["config"], f"sm_{r['arch']}", r["dtype"], r["regs"],
-                                 r["shared"], r["stack"], r["local"], status))  # fmt: skip
-    summary = "{:<22} {:>5} {:>5} {:>8} {:>8} {:>10} {:>6}"
+                                 r["shared"], est, r["stack"], r["local"], r["hgmma"], r["hmma"],
+                                 r["ldgsts"], r["tma"], r["ffma"], status))  # fmt: skip
+    summary = "{:<22} {:>5} {:>5} {:>7} {:>8} {:>10} {:>6} {:>4}  {:>11} {:>10} {:>11} {:>8}"
     lines += ["", summary.format("kernel", "arch", "dtype", "configs", "max regs", "max shared",
-                                 "spills")]  # fmt: skip
+                                 "spills", "over", "HGMMA cfgs", "HMMA cfgs", "LDGSTS cfgs",
+                                 "TMA cfgs")]  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["name"], r["arch"], r["dtype"]), []).append(r)
     for (name, arch, dt), rs in groups.items():
         spills = sum(bool(r["stack"] or r["local"]) for r in rs)
+        over = sum(r["shared"] > SHARED_LIMIT.get(arch, 0) for r in rs)
+        n = lambda f, rs=rs: f"{sum(r[f] > 0 for r in rs)}/{len(rs)}"  # noqa: E731
         lines.append(summary.format(name, f"sm_{arch}", dt, len(rs), max(r["regs"] for r in rs),
-                                    max(r["shared"] for r in rs), spills))  # fmt: skip
+                                    max(r["shared"] for r in rs), spills, over, n("hgmma"),
+                                    n("hmma"), n("ldgsts"), n("tma")))  # fmt: skip
     failing = sum(bool(r["problems"]) for r in rows)
-    lines.append(f"\n{len(rows)} rows, {report['compiles']} distinct compiles, {failing} failing, "
+    spilled = sum(bool(r["stack"] or r["local"]) for r in rows)
+    over = sum(r["shared"] > SHARED_LIMIT.get(r["arch"], 0) for r in rows if r["arch"])
+    archs = sorted({r["arch"] for r in rows if r["arch"]})
+    lines.append(f"\narchitectures {', '.join(f'sm_{a}' for a in archs)}; {spilled} spilling, "
+                 f"{over} over the shared-memory limit")  # fmt: skip
+    lines.append(f"{len(rows)} rows, {report['compiles']} distinct compiles, {failing} failing, "
                  f"{report['seconds']:.0f} s")  # fmt: skip
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fastcap.common import capability
 from fastcap.ops import attention as ops_attention
 from fastcap.ops.ref.attention import attention as ref_attention
 from fastcap.ops.ref.attention import attention_mask
@@ -232,37 +233,59 @@ def test_rejects_unsupported(dtype, D, rope, match):
         K.attention(q, q, q, rope_theta=rope)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+GPUS = {80: "a100", 86: "a10", 89: "l4", 90: "h100"}
+
+
+@pytest.mark.parametrize("arch", list(GPUS))
 @pytest.mark.parametrize("shapes", ["_FWD_SHAPES", "_DKDV_SHAPES", "_DQ_SHAPES"])
 def test_autotune_prune(shapes, arch):
     """Pruning keeps at least one tile for every head dim on each architecture, never a tile far
-    longer than the sequence, and only tiles within their head-dim limit on that architecture
-    (the limits tests/test_gpu_compile.py checks). The autotuner's hook reads the architecture
-    from Q's device."""
+    longer than the sequence, and only tiles within their head-dim limit (no spill) and within
+    the architecture's opt-in shared memory (99 KB on sm_86 / sm_89), by the figures the
+    compile-only table checks (tests/test_gpu_compile.py). The autotuner's hook reads the code
+    family and the shared-memory limit from Q's device (torch's queries, patched here)."""
+    kind = next(k for k, v in K._KIND.items() if v is getattr(K, shapes))
     shapes = getattr(K, shapes)
-    col = {80: 4, 90: 5}[arch]
+    col = 5 if arch >= 90 else 4
     limits = {t[:4]: t[col] for t in shapes}
-    decode = K._tiles(shapes, arch, 64, 1, 4096)
+    smem = K.OPTIN_SHARED[(arch // 10, arch % 10)]
+    decode = K._tiles(shapes, arch, 64, 1, 4096, smem)
     assert decode and all(t[0] == 16 for t in decode)
-    short = K._tiles(shapes, arch, 64, 32, 32)
+    short = K._tiles(shapes, arch, 64, 32, 32, smem)
     assert short and all(t[0] <= 32 and t[1] <= 32 for t in short)
     for d in (17, 32, 64, 96, 128, 200, 256):
         for lq, lk in ((1, 1), (1, 8192), (64, 64), (8192, 8192)):
-            kept = K._tiles(shapes, arch, d, lq, lk)
+            kept = K._tiles(shapes, arch, d, lq, lk, smem)
             assert kept and all(limits[t] >= d for t in kept), (d, lq, lk)
-    assert set(K._reachable(shapes, arch, 256)) <= {t for t, d in limits.items() if d >= 256}
+            assert all(K._shared_bytes(kind, t, arch, d) <= smem for t in kept), (d, lq, lk)
+    assert set(K._reachable(shapes, arch, 256, smem)) <= {t for t, d in limits.items() if d >= 256}
+    # every tile within its head-dim limit has a measured figure (else it is never kept)
+    for t in shapes:
+        for d in K._CHECKED_HEAD_DIMS:
+            if d <= t[col]:
+                assert K._shared_bytes(kind, t, arch, d) < 1 << 40, (t, d)
 
-    class _Dev:  # the hook's only question to Q: its device's architecture
-        device = "cuda:0"
+    class _Q:  # the hook's questions to Q: its device and its element size
+        device = torch.device("cuda", 0)
+        element_size = staticmethod(lambda: 2)
 
     configs = K._configs(shapes)
-    caps = {80: (8, 0), 90: (9, 0)}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(K.torch.cuda, "get_device_capability", lambda device: caps[arch])
-        pruned = K._pruner(shapes)(configs, {"Q": _Dev(), "lq_bucket": 4096, "lk_bucket": 4096},
+    with capability.simulate(GPUS[arch]):
+        pruned = K._pruner(shapes)(configs, {"Q": _Q(), "lq_bucket": 4096, "lk_bucket": 4096},
                                    HEAD_DIM=128)  # fmt: skip
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    assert [key(c) for c in pruned] == K._tiles(shapes, arch, 128, 4096, 4096)
+    assert [key(c) for c in pruned] == K._tiles(shapes, arch, 128, 4096, 4096, smem)
+
+
+def test_lone_decode_tile_fits_99kb():
+    """Decoding at head dim 256 (Lq = 1) leaves one forward tile, which the autotuner launches
+    without a trial: on sm_80 that is 16 x 64 (138 KB of shared memory), which an sm_86 / sm_89
+    card (99 KB) cannot launch. There the pruning must leave a tile that fits."""
+    a100 = K._tiles(K._FWD_SHAPES, 80, 256, 1, 1, K.OPTIN_SHARED[(8, 0)])
+    assert a100 == [(16, 64, 4, 2)]
+    for arch in (86, 89):
+        lone = K._tiles(K._FWD_SHAPES, arch, 256, 1, 1, K.OPTIN_SHARED[(8, 6)])
+        assert len(lone) == 1 and K._shared_bytes("fwd", lone[0], arch, 256) <= 99 * 1024, lone
 
 
 @pytest.mark.skipif(not CUDA, reason="determinism across parallel programs only shows on a GPU")

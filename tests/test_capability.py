@@ -119,10 +119,25 @@ def test_explicit_triton_below_sm70_is_one_line_error_before_work(spec, monkeypa
     assert "\n" not in msg
     assert "Triton does not compile for Tesla P100-PCIE-16GB (sm_60)" in msg, msg
     assert f"valid choices for {op}" in msg, msg
-    # on a T4 an explicit triton is honoured (slow tl.dot, but it runs)
+
+
+@pytest.mark.parametrize("spec", ["attention=triton", "siglip=triton", "moe=triton", "moe=cuda"])
+def test_explicit_dot_kernels_below_sm80_are_refused(spec, monkeypatch):
+    """On a T4, tl.dot runs on FMAs and every attention tile spills (the compile-only table's
+    sm_75 rows): an explicit Triton choice for a tl.dot op is a one-line error at validate; the
+    LCE, which has no tl.dot, runs."""
+    monkeypatch.setenv("FASTCAP_KERNELS", spec)
+    op = spec.split("=")[0]
+    with capability.simulate("t4"), pytest.raises(RuntimeError) as e:
+        dispatch.validate((op,), CUDA)
+    msg = str(e.value)
+    assert "\n" not in msg and "need compute capability 8.0" in msg and "Tesla T4 (sm_75)" in msg
+    monkeypatch.setenv("FASTCAP_KERNELS", "lce=triton")
     with capability.simulate("t4"):
-        if spec != "moe=cuda":
-            assert dispatch.resolve(op, CUDA) == "triton"
+        assert dispatch.resolve("lce", CUDA) == "triton"
+    with capability.simulate("a10"):  # sm_86
+        monkeypatch.setenv("FASTCAP_KERNELS", "attention=triton")
+        assert dispatch.resolve("attention", CUDA) == "triton"
 
 
 @pytest.mark.parametrize("name", ["p100", "t4"])

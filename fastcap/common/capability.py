@@ -17,8 +17,10 @@ kernels' tile pruning and the benchmarks:
   below sm_80 runs on CUDA-core FMAs, not tensor cores (triton PR #5066) - except ``lce``,
   whose GEMMs are cuBLAS calls already and whose Triton kernel is a row-wise cross-entropy
   with no ``tl.dot`` (Liger-Kernel's design); below 7.0 the references only.
-* :func:`triton_unavailable` (device) -> None or the reason an explicit ``triton`` cannot run
-  (Triton does not target compute capability below 7.0).
+* :func:`triton_unavailable` (device, op) -> None or the reason an explicit ``triton`` cannot
+  run: Triton does not target compute capability below 7.0, and the kernels built on ``tl.dot``
+  (attention, MoE, SigLIP) are refused below 8.0, where ``tl.dot`` runs on FMAs and every
+  attention tile spills (tests/gpu_compile.py's sm_75 rows: 0 HMMA); the LCE runs from 7.0.
 * :func:`shared_memory_limit` (device) -> bytes of shared memory one block may opt in to
   (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: A100 163 KB, sm_86 / sm_89 99 KB, T4 64 KB,
   H100 227 KB), which the kernels' tile pruning compares with each tile's need.
@@ -191,16 +193,25 @@ def precision_for(device: torch.device | str) -> str:
     return explain_precision(device)[0]
 
 
-def triton_unavailable(device: torch.device | str) -> str | None:
-    """None if Triton can compile for ``device``'s GPU, else why not (a one-line reason).
-    A non-CUDA device returns None: that case is the dispatch's own check."""
+def triton_unavailable(device: torch.device | str, op: str | None = None) -> str | None:
+    """None if the Triton kernels of ``op`` (any op: None) can run on ``device``'s GPU, else
+    why not (a one-line reason). A non-CUDA device returns None: that case is the dispatch's
+    own check."""
     g = gpu(device)
-    if g is None or g.capability >= TRITON_MIN:
+    if g is None:
         return None
-    return (
-        f"Triton does not compile for {g.label()}: it needs compute capability "
-        f"{TRITON_MIN[0]}.{TRITON_MIN[1]} or higher"
-    )
+    if g.capability < TRITON_MIN:
+        return (
+            f"Triton does not compile for {g.label()}: it needs compute capability "
+            f"{TRITON_MIN[0]}.{TRITON_MIN[1]} or higher"
+        )
+    if op is not None and op not in NO_DOT_OPS and g.capability < TRITON_FAST_MIN:
+        return (
+            f"the Triton {op} kernels need compute capability 8.0 or higher ({g.label()}): "
+            "below it tl.dot has no tensor cores and its FMA code spills; the reference is "
+            "faster there"
+        )
+    return None
 
 
 def auto_order(op: str, device: torch.device | str) -> tuple[tuple[str, ...], str]:

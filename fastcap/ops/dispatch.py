@@ -139,7 +139,7 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
             need = "CUDA tensors or TRITON_INTERPRET=1" if impl == "triton" else "CUDA tensors"
             return f"{op}={impl} needs {need} (got {device.type} tensors)"
         if device.type == "cuda":
-            why = capability.triton_unavailable(device)  # moe=cuda runs Triton GEMMs too
+            why = capability.triton_unavailable(device, op)  # moe=cuda: Triton GEMMs too
             if why is not None:
                 return f"{op}={impl}: {why}"
     try:
