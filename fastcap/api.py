@@ -102,6 +102,8 @@ class DecodeOptions:
             top_p=self.top_p,
             top_k=self.top_k,
             temperature=float(self.temperature),
+            length_penalty=float(self.length_penalty),
+            seed=self.seed,
         )
 
     def generate_kwargs(self) -> dict:

@@ -98,6 +98,13 @@ def top_k_top_p_filter(logp: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tens
     return out
 
 
+RANGES = {
+    "temperature": (1e-4, 1e4, "below, sampling is greedy; above, uniform"),
+    "repetition_penalty": (0.01, 100.0, "1 disables"),
+    "length_penalty": (-10.0, 10.0, "GNMT's alpha: 0.6 to 1 are usual"),
+}
+
+
 @dataclass
 class _Controls:
     """What every strategy shares; validated once by :func:`check_controls`."""
@@ -121,8 +128,22 @@ def check_controls(
     top_p: float = 1.0,
     top_k: int = 0,
     temperature: float = 1.0,
+    length_penalty: float = 0.0,
+    seed: int | None = None,
 ) -> None:
-    """Raise ValueError with a one-line fix for any setting that cannot work."""
+    """Raise ValueError with a one-line fix for any setting that cannot work: the one check of
+    the CLI, :class:`fastcap.api.DecodeOptions` (the Python API) and fastcap-serve. The float
+    ranges (:data:`RANGES`) keep every step finite in fp32 (the overflows they stop: logits /
+    1e-40, ((5 + len) / 6) ** 1e4): logits / temperature (x1e4 at most) or / the repetition
+    penalty (x100), and GNMT's ((5 + len) / 6) ** alpha (|alpha| <= 10: under 1e23 for 1,000
+    tokens)."""
+    for name, v in (("temperature", temperature), ("repetition_penalty", repetition_penalty),
+                    ("length_penalty", length_penalty)):  # fmt: skip
+        lo, hi, why = RANGES[name]
+        if not lo <= v <= hi:  # NaN too
+            raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] ({why}), got {v}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64 - 1], got {seed}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -131,8 +152,6 @@ def check_controls(
         raise ValueError(
             f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}"
         )
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 disables), got {repetition_penalty}")
     if no_repeat_ngram_size < 0:
         raise ValueError(
             f"no_repeat_ngram_size must be >= 0 (0 disables), got {no_repeat_ngram_size}"
@@ -150,8 +169,6 @@ def check_controls(
         raise ValueError(f"top_p must be in (0, 1] (1 disables), got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy for the limit 0), got {temperature}")
 
 
 # ---------------------------------------------------------------------- the shared step
@@ -415,6 +432,7 @@ def sample(
         top_p=top_p,
         top_k=top_k,
         temperature=temperature,
+        seed=seed,
     )
     if generator is None and seed is not None:
         dev = (images if image_tokens is None else image_tokens).device
@@ -491,6 +509,7 @@ def beam(
         no_repeat_ngram_size=no_repeat_ngram_size,
         num_beams=num_beams,
         num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty,
     )
     ctl = _Controls(max_new, min_new_tokens, repetition_penalty, no_repeat_ngram_size)
     K, T, alpha = num_beams, max_new, length_penalty

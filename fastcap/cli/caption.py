@@ -64,6 +64,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict:
         top_p=args.top_p,
         top_k=args.top_k,
         temperature=args.temperature,
+        length_penalty=args.length_penalty,
+        seed=args.seed,
     )
     kw = {
         "max_new_tokens": args.max_new_tokens,

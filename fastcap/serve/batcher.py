@@ -11,7 +11,9 @@ batch, and hands each request its own results back on its loop. So:
 - under load the window costs nothing (the oldest request has waited longer than it while the
   previous batch ran), and when idle it adds at most ``window_s`` to a request's latency;
 - requests with other options wait for a later batch, in arrival order;
-- a request whose client has gone (its future cancelled) is dropped before it is run.
+- a request whose client has gone (its future cancelled) is dropped before it is run;
+- when a batch of several requests fails, each of its requests is run again alone, so a
+  request that fails (a bug its input triggers) fails only itself.
 
 ``max_queue`` bounds the images waiting; :meth:`submit` raises :class:`Overloaded` past it.
 """
@@ -188,20 +190,34 @@ class Batcher:
                 self._queued -= len(j.items)
             return batch
 
+    def _run(self, batch: list[_Job]) -> list[tuple[tuple | None, BaseException | None]]:
+        """(results and BatchInfo, or None; the exception, or None) of each job of ``batch``,
+        run as one call of ``run``; if that raises, each job alone."""
+        items = [it for j in batch for it in j.items]
+        info = BatchInfo(requests=len(batch), images=len(items))
+        try:
+            results = self.run(batch[0].key, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"run returned {len(results)} results for {len(items)}")
+        except Exception as e:  # handed to the request(s) that raise it; the worker goes on
+            if len(batch) == 1:
+                log.exception("batch of %d images failed", len(items))
+                return [(None, e)]
+            log.warning("a batch of %d requests failed (%s); running each alone", len(batch), e)
+            return [self._run([j])[0] for j in batch]
+        out, start = [], 0
+        for j in batch:
+            out.append(((results[start : start + len(j.items)], info), None))
+            start += len(j.items)
+        return out
+
     def _work(self) -> None:
         while (batch := self._take()) is not None:
             if not batch:
                 continue
-            items = [it for j in batch for it in j.items]
-            info = BatchInfo(requests=len(batch), images=len(items))
+            info = BatchInfo(requests=len(batch), images=sum(len(j.items) for j in batch))
             t0 = time.perf_counter()
-            try:
-                results, exc = self.run(batch[0].key, items), None
-                if len(results) != len(items):
-                    raise RuntimeError(f"run returned {len(results)} results for {len(items)}")
-            except Exception as e:  # handed to every request of the batch; the worker goes on
-                log.exception("batch of %d images failed", len(items))
-                results, exc = None, e
+            answers = self._run(batch)
             busy = time.perf_counter() - t0
             with self._cond:
                 s = self._stats
@@ -212,10 +228,6 @@ class Batcher:
                 s["max_batch_images"] = max(s["max_batch_images"], info.images)
                 s["requests_per_batch"][info.requests] += 1
                 s["busy_seconds"] += busy
-            start = 0
-            for j in batch:
-                n = len(j.items)
-                res = None if exc else (results[start : start + n], info)
-                start += n
+            for j, (res, exc) in zip(batch, answers):
                 with contextlib.suppress(RuntimeError):  # RuntimeError: that loop has closed
                     j.loop.call_soon_threadsafe(_deliver, j.future, res, exc)
