@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from flops import attention_flops
 
+from fastcap.common.capability import precision_for
 from fastcap.common.rope import rope_cos_sin
 from fastcap.ops.ref.attention import attention as ref_attention
 from fastcap.ops.ref.rope import apply_rope
+from fastcap.runs import DTYPES
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
+# the capability policy's precision for this GPU (bf16 from sm_80, fp16 on a T4)
+DTYPE = DTYPES[precision_for("cuda")] if CUDA else torch.float32
 THETA = 10000.0
 CPU_BATCH = 32
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from conftest import DEVICE, interleaved_ratio
 from flops import moe_flops
 
+from fastcap.common.capability import precision_for
 from fastcap.ops.ref.moe import moe_ffn as ref_moe
+from fastcap.runs import DTYPES
 
 GPU = DEVICE == "cuda"
 # name: (T, d, f, E, k); the cpu shape runs everywhere, the others on a GPU only.
@@ -30,7 +32,8 @@ SHAPES = {
     "dsv-8k": (8192, 1024, 512, 64, 6),
     "dsv-32k": (32768, 1024, 512, 64, 6),
 }
-DTYPE = torch.bfloat16 if GPU else torch.float32
+# the capability policy's precision for this GPU (bf16 from sm_80, fp16 on a T4)
+DTYPE = DTYPES[precision_for("cuda")] if GPU else torch.float32
 
 
 def group(shape: str, mode: str) -> str:

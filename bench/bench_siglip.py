@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from flops import siglip_flops
 
+from fastcap.common.capability import precision_for
 from fastcap.ops.ref.siglip import siglip_loss as naive_siglip
 from fastcap.ops.ref.siglip import siglip_loss_chunked
+from fastcap.runs import DTYPES
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
+# the capability policy's precision for this GPU (bf16 from sm_80, fp16 on a T4)
+DTYPE = DTYPES[precision_for("cuda")] if CUDA else torch.float32
 D = 512
 SIZES = [1024, 8192, 32768] if CUDA else [1024, 8192]
 
