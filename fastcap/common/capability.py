@@ -25,13 +25,13 @@ kernels' tile pruning and the benchmarks:
   (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: A100 163 KB, sm_86 / sm_89 99 KB, T4 64 KB,
   H100 227 KB), which the kernels' tile pruning compares with each tile's need.
 
-Everything is read from two torch queries and nothing else, so a test (or a fake-CUDA run)
-simulates any GPU by patching them; :func:`simulate` does exactly that:
-
-* ``torch.cuda.get_device_capability(device)`` -> (major, minor);
-* ``torch.cuda.get_device_properties(device)``: ``name``, ``total_memory``,
-  ``shared_memory_per_block_optin`` (where this torch has it; else :data:`OPTIN_SHARED` by
-  capability), ``multi_processor_count``.
+Everything is read from one torch query, ``torch.cuda.get_device_properties(device)``:
+``major``, ``minor``, ``name``, ``total_memory``, ``shared_memory_per_block_optin`` (where this
+torch has it; else :data:`OPTIN_SHARED` by capability), ``multi_processor_count``. That one
+query, not ``get_device_capability``, because dynamo constant-folds it: the dispatch asks the
+policy inside compiled code, where ``get_device_capability`` would break the graph. So a test
+(or a fake-CUDA run) simulates any GPU by patching it; :func:`simulate` does that, and patches
+``get_device_capability`` and ``is_bf16_supported`` to agree.
 
 Nothing is cached: each call asks torch again (torch caches the properties itself), so a
 patched query is seen at once. Decisions are logged once each, with the reason, by the callers
@@ -158,10 +158,8 @@ def gpu(device: torch.device | str | int | None = None) -> GPU | None:
         device = torch.device(device)
     if isinstance(device, torch.device) and device.type != "cuda":
         return None
-    dev = _index(device)
-    major, minor = torch.cuda.get_device_capability(dev)
-    props = torch.cuda.get_device_properties(dev)
-    cap = (int(major), int(minor))
+    props = torch.cuda.get_device_properties(_index(device))
+    cap = (int(props.major), int(props.minor))
     optin = getattr(props, "shared_memory_per_block_optin", 0) or OPTIN_SHARED.get(cap)
     if not optin:  # a capability not in the table: the next lower one that is
         lower = [c for c in OPTIN_SHARED if c <= cap]
