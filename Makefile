@@ -9,7 +9,7 @@ RUN ?= runs/shapes-tiny
 ARGS ?=
 
 .PHONY: install train scst test test-fast bench gpu-check gpu-wheels lint format clean venv-low \
-	test-low
+	test-low gpu-check-dry
 
 # the browser test (tests/test_serve.py) drives Debian's headless Chromium through its
 # ChromeDriver; installed once as root (CI), then found on PATH and skipped in a moment
@@ -68,9 +68,11 @@ gpu-wheels: install
 LOW := .venv-low
 LOW_PY ?= $(shell command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' 2>/dev/null \
   && echo python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)
-LOW_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0
+# numpy < 2.4: Triton 3.6's interpreter turns 1-element arrays into Python scalars, an error
+# from NumPy 2.4 on (every kernel fails under TRITON_INTERPRET=1; compiled kernels do not care)
+LOW_PINS := torch==2.11.0 torchvision==0.26.0 triton==3.6.0 "numpy<2.4"
 venv-low: $(LOW)/.fastcap-installed
-$(LOW)/.fastcap-installed: pyproject.toml
+$(LOW)/.fastcap-installed: pyproject.toml Makefile
 	@test -n "$(LOW_PY)" || { echo "venv-low needs a python3.12 (set LOW_PY)"; exit 1; }
 	@test -x $(LOW)/bin/python || $(LOW_PY) -m venv $(LOW)
 	$(LOW)/bin/python -m pip install -q --upgrade pip
@@ -89,6 +91,14 @@ LOW_TESTS ?= tests/test_fake_cuda.py tests/test_attention.py tests/test_moe.py \
   tests/test_gpu_compile.py
 test-low: venv-low
 	$(LOW)/bin/python -m pytest -q -ra -x $(LOW_TESTS)
+
+# The device machine rehearsed on this CPU: `gpu_check --dry-run` under .venv-low (Python 3.12,
+# torch 2.11, Triton 3.6, no DeepSpeed), the DeepSpeed wheels of .gpu-wheels installed with pip
+# --target, no network but the loopback (bench/gpu_check/offline) and no package index
+gpu-check-dry: venv-low
+	@test -n "$$(ls $(GPU_WHEELS)/*.whl 2>/dev/null)" || $(MAKE) gpu-wheels
+	PIP_NO_INDEX=1 sh bench/gpu_check/offline $(LOW)/bin/python bench/gpu_check --dry-run \
+	  --out runs/gpu-check-dry --wheels $(GPU_WHEELS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

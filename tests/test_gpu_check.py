@@ -84,6 +84,37 @@ def test_dry_run_walks_every_stage(tmp_path):
         assert cmp_["max_abs_loss_diff"] <= stage_train.TOL["fp32"]["max_abs"]
     table = proc.stdout[proc.stdout.rindex("stage    status") :]  # the short table comes last
     assert all(stage in table for stage in STAGES)
+    # the plan comes first: each stage's expected time and limit, in the 9-minute budget
+    head = proc.stdout[: proc.stdout.index("=== env")]
+    assert f"in a {runner.DRY_TOTAL_S} s budget" in head
+    assert all(f"  {stage:8} expected ~" in head for stage in STAGES)
+    assert (out / "table.txt").read_text().startswith("stage    status")
+
+
+def test_budget_fits_the_device_tools_command_limit():
+    """9 minutes for the stages, inside the device tool's 10 minutes a command."""
+    assert runner.TOTAL_S <= 540 and runner.DRY_TOTAL_S <= 540
+    assert set(runner.ESTIMATE_S) == set(runner.DRY_ESTIMATE_S) == set(STAGES)
+    assert sum(runner.ESTIMATE_S.values()) <= runner.TOTAL_S
+
+
+def test_a_cut_off_run_leaves_its_table(tmp_path, monkeypatch):
+    """summary.json and table.txt are written as each stage ends, so a run the machine cuts
+    off still returns the table of what finished."""
+    seen = []
+
+    def fake_stage(a, stage, limit):
+        if stage == "correct":  # the machine's own limit strikes here
+            seen.append((tmp_path / "table.txt").read_text())
+            raise KeyboardInterrupt
+        return {"stage": stage, "status": "ok", "items": [], "seconds": 1.0}
+
+    monkeypatch.setattr(runner, "_run_stage", fake_stage)
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(["--dry-run", "--out", str(tmp_path)])
+    assert "env" in seen[0] and "ext" in seen[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["stages"]) == ["env", "ext"]
 
 
 def test_stage_over_its_limit_is_killed_and_recorded(tmp_path):
@@ -257,6 +288,42 @@ def test_wheels_install_into_a_target_folder(tmp_path):
     assert {"--no-index", "--no-deps", "--target"} <= set(cmd) and cmd[-len(todo) :] == [
         str(w) for w in todo
     ]
+
+
+def test_wheel_check_resolves_offline_and_catches_what_is_missing(tmp_path):
+    """check_resolves: the pins' whole requirement tree met by the wheels plus the machine's
+    own packages, for the target Python, offline; a missing wheel, a wheel for another Python
+    and a machine version that conflicts each fail with pip's reason."""
+    folder = tmp_path / "w"
+    wheels.stub_wheel(folder, "probe-a", "1.0", requires=("probe-b>=2", "torch>=2.0"))
+    wheels.stub_wheel(folder, "probe-b", "2.1", tag="cp312-cp312-manylinux2014_x86_64")
+    pins = ("probe-a==1.0",)
+    res = wheels.check_resolves(folder, "3.12", {"torch": "2.11.0"}, pins)
+    assert res["resolved"] == {"probe-a": "1.0", "probe-b": "2.1", "torch": "2.11.0"}
+    assert res["from_machine"] == ["torch"]
+    with pytest.raises(RuntimeError, match="probe-b"):  # the compiled wheel is for 3.12 only
+        wheels.check_resolves(folder, "3.11", {"torch": "2.11.0"}, pins)
+    with pytest.raises(RuntimeError, match="torch"):  # the machine's torch is too old
+        wheels.check_resolves(folder, "3.12", {"torch": "1.13.0"}, pins)
+    (folder / "probe_b-2.1-cp312-cp312-manylinux2014_x86_64.whl").unlink()
+    with pytest.raises(RuntimeError, match="probe-b"):
+        wheels.check_resolves(folder, "3.12", {"torch": "2.11.0"}, pins)
+
+
+@pytest.mark.slow
+def test_gpu_wheels_resolve_for_python_312(tmp_path):
+    """The wheel set of `make gpu-wheels` (.gpu-wheels, else built here from PyPI) resolves
+    for the GPU machine's Python 3.12 with no index: DeepSpeed and everything it imports, from
+    the wheels or from what the machine has (torch 2.11, numpy, tqdm)."""
+    folder = wheels.DEFAULT_DIR
+    if not any(folder.glob("*.whl")):
+        folder = tmp_path / "gpu-wheels"
+        wheels.build(folder, "3.12")
+    res = wheels.check_resolves(folder, "3.12")
+    pinned = {wheels._norm(p.split("==")[0]): p.split("==")[1] for p in wheels.PINS}
+    assert {n: res["resolved"][n] for n in pinned} == pinned
+    assert set(res["from_machine"]) == {"torch", "numpy", "tqdm"}
+    assert res["resolved"]["torch"] == wheels.MACHINE["torch"]
 
 
 def test_gpu_wheels_pins_one_version_of_each():

@@ -27,12 +27,17 @@ Stages, in order (``--stages env,ext`` runs a subset), one module each:
               steps with ``FASTCAP_KERNELS=ref`` and with ``auto`` from the same seed: losses
               side by side, images/s, tokens/s, MFU, peak memory, and a gate on the two curves.
               Where DeepSpeed is missing it first installs the wheels of ``make gpu-wheels``
-              (:mod:`.wheels`, ``--wheels``, default ``.gpu-wheels/``) with ``pip --target``.
+              (:mod:`.wheels`, ``--wheels``, default ``.gpu-wheels/``) with ``pip --target``,
+              after checking offline that they resolve for this Python with what the
+              machine has (``train/wheels``).
 
 Each stage runs in its own process with a time limit (the process group is killed when it runs
-over) inside a global budget of 7.5 minutes (:mod:`.runner`), and writes ``<out>/<stage>.json``
-after every item (:class:`.harness.Report`), so a hang or a crash loses at most the item in
-flight. ``<out>/summary.json`` gathers all of it and a short table is printed last.
+over) inside a global budget of 9 minutes (:mod:`.runner`; the device tool allows 10 a
+command), each stage's expected time and limit printed before the first starts. Each stage
+writes ``<out>/<stage>.json`` after every item (:class:`.harness.Report`), so a hang or a crash
+loses at most the item in flight; ``<out>/summary.json`` and the short table
+``<out>/table.txt`` are rewritten as each stage ends (a run cut off by the machine still leaves
+them), and the table is printed last.
 
 ``--dry-run`` (no GPU needed): the same stages at tiny shapes and few steps, Triton under
 ``TRITON_INTERPRET=1``; bf16 checks are skipped there (the interpreter's bf16 is wrong) and the
@@ -40,6 +45,11 @@ timings only prove that the code runs. On a CPU ``auto`` would pick the referenc
 dry run's second training run forces the Triton kernels instead (``triton``, interpreted, in
 fp32): the comparison is between two implementations, not two runs of the same code.
 ``--quick``: fewer repeats and steps, largest shapes left out.
+
+``make gpu-check-dry`` rehearses the device machine on a CPU: the dry run under ``.venv-low``
+(Python 3.12, torch 2.11, Triton 3.6, no DeepSpeed: ``make venv-low``), with no network
+(``unshare -n``, ``PIP_NO_INDEX``), the wheels of ``.gpu-wheels`` installed with ``pip
+--target`` as on the machine.
 
 Needs torch, Triton, ninja and nvcc; the train stage also needs numpy, Pillow, torchvision and
 tokenizers (it says so and skips when one is missing) and DeepSpeed (installed from the wheels,

@@ -41,7 +41,7 @@ from pathlib import Path
 from flops import bf16_peak_tflops, model_flops_per_image
 
 from .harness import Report, Skip, package_root
-from .wheels import install
+from .wheels import check_resolves, install
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +175,23 @@ def _deepspeed(wheels: Path, target: Path) -> dict:
     res["deepspeed"] = deepspeed.__version__
     res["install_seconds"] = round(time.perf_counter() - t0, 1)
     res["summary"] = f"installed {len(res['installed'])} wheels (deepspeed {deepspeed.__version__})"
+    return res
+
+
+def wheels_python(wheels: Path) -> str:
+    """The Python (X.Y) the wheels were made for, from a compiled wheel's ``cpXY`` tag (this
+    Python's if none has one)."""
+    for whl in wheels.glob("*-cp3*-cp3*.whl"):
+        tag = whl.name.split("-")[2]  # cp312
+        return f"{tag[2]}.{tag[3:]}"
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _summarised(res: dict) -> dict:
+    res["summary"] = (
+        f"{len(res['resolved'])} distributions resolve offline for Python "
+        f"{res['python_version']} ({', '.join(res['from_machine'])} from the machine)"
+    )
     return res
 
 
@@ -400,7 +417,10 @@ def run(rep: Report, a) -> None:
     rep.set(work=str(work), precision=precision, size=dataclasses.asdict(size))
 
     target = work / "site"
-    inst = rep.item("train/deepspeed", lambda: _deepspeed(Path(a.wheels), target))
+    wheels = Path(a.wheels)
+    if any(wheels.glob("*.whl")):  # offline: every requirement met by a wheel or the machine
+        rep.item("train/wheels", lambda: _summarised(check_resolves(wheels, wheels_python(wheels))))
+    inst = rep.item("train/deepspeed", lambda: _deepspeed(wheels, target))
     if inst["status"] == "skipped":
         raise Skip(inst["reason"])
     if inst["status"] == "failed":

@@ -50,6 +50,10 @@ DOWNLOADED = (
 )
 """Downloaded as wheels for the target Python."""
 PINS = BUILT + DOWNLOADED
+MACHINE = {"torch": "2.11.0", "numpy": "2.5.2", "tqdm": "4.67.1"}
+"""What the wheels need that the GPU machine has already (the device notes' pip list of the
+H200 image, 2026-11: torch 2.11.0, numpy 2.5.2; tqdm is listed without its version, and
+DeepSpeed asks for any). :func:`check_resolves` stands them in as metadata-only wheels."""
 # pip matches manylinux_2_N exactly: name the ones these wheels are published under
 PLATFORMS = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux1")
 MAX_MIB = 32  # the device tool carries 64 MiB in all, the working tree included
@@ -131,6 +135,89 @@ def install(wheels: Path, target: Path) -> dict:
     return res
 
 
+def stub_wheel(
+    folder: Path, name: str, version: str, requires: tuple[str, ...] = (), tag: str = "py3-none-any"
+) -> Path:
+    """A wheel that holds only metadata (``name==version``, its ``requires``): what pip's
+    resolver needs to count a package the target machine already has (and, in tests, a
+    package of any shape)."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{_norm(name).replace('-', '_')}-{version}"
+    path = folder / f"{dist}-{tag}.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    files = {
+        f"{dist}.dist-info/METADATA": meta,
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: gpu_check\nRoot-Is-Purelib: "
+        f"true\nTag: {tag}\n",
+    }
+    files[f"{dist}.dist-info/RECORD"] = "".join(
+        f"{n},,\n" for n in [*files, f"{dist}.dist-info/RECORD"]
+    )
+    with zipfile.ZipFile(path, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return path
+
+
+def resolve_command(
+    wheels: Path,
+    stubs: Path,
+    python_version: str,
+    report: Path,
+    pins: tuple[str, ...] = PINS,
+    python: str = sys.executable,
+) -> list[str]:
+    """``pip install --dry-run`` of every pin, with its dependencies, for CPython
+    ``python_version`` on manylinux x86-64, from ``wheels`` and ``stubs`` alone (no index)."""
+    plat = [f for p in PLATFORMS for f in ("--platform", f"{p}_x86_64")]
+    return [
+        python, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+        "--report", str(report), "--no-index",
+        "--find-links", str(wheels), "--find-links", str(stubs),
+        "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
+        *plat, "--disable-pip-version-check", *pins,
+    ]  # fmt: skip
+
+
+def check_resolves(
+    wheels: Path,
+    python_version: str = "3.12",
+    machine: dict | None = None,
+    pins: tuple[str, ...] = PINS,
+) -> dict:
+    """Do the wheels in ``wheels``, with what the GPU machine has (``machine``, default
+    :data:`MACHINE`), satisfy every requirement of every pin for that Python, offline? Returns
+    ``{"resolved": {name: version}, "from_machine": [...]}``; RuntimeError with pip's message
+    when they do not (a missing wheel, a version conflict, a wheel for another Python)."""
+    import json
+    import tempfile
+
+    machine = MACHINE if machine is None else machine
+    with tempfile.TemporaryDirectory(prefix="gpu-wheels-stubs-") as tmp:
+        stubs = Path(tmp)
+        for name, version in machine.items():
+            stub_wheel(stubs, name, version)
+        report = stubs / "report.json"
+        cmd = resolve_command(wheels, stubs, python_version, report, pins)
+        env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_CONSTRAINT="")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            why = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+            why = [ln for ln in why if not ln.startswith(("Looking in", "WARNING: Location"))]
+            tail = "\n".join(why)[-1500:]
+            raise RuntimeError(f"the wheels do not resolve for Python {python_version}: {tail}")
+        report = json.loads(report.read_text())
+    got = {_norm(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
+    return {
+        "python_version": python_version,
+        "resolved": got,
+        "from_machine": sorted(n for n in got if n in {_norm(m) for m in machine}),
+    }
+
+
 # ----------------------------------------------------------------------------- make gpu-wheels
 
 
@@ -182,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu-wheels", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_DIR, help="folder for the wheels")
     p.add_argument("--python-version", default="3.12", help="the GPU machine's Python (X.Y)")
+    p.add_argument(
+        "--check", action="store_true", help="only check that --out's wheels resolve offline"
+    )
     a = p.parse_args(argv)
+    if a.check:
+        res = check_resolves(a.out, a.python_version)
+        print(f"{len(res['resolved'])} distributions resolve for Python {a.python_version} "
+              f"offline (from the machine: {', '.join(res['from_machine'])})")  # fmt: skip
+        return 0
     kept = build(a.out, a.python_version)
     total = sum(w.stat().st_size for w in kept)
     for w in kept:
@@ -191,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if total > MAX_MIB * 2**20:
         print(f"gpu-wheels: over {MAX_MIB} MiB, too much to carry", file=sys.stderr)
         return 1
+    res = check_resolves(a.out, a.python_version)
+    print(f"resolves offline for Python {a.python_version}: {len(res['resolved'])} "
+          f"distributions, {', '.join(res['from_machine'])} from the machine")  # fmt: skip
     return 0
 
 
