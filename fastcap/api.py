@@ -153,6 +153,9 @@ class Prepared:
     """(3, S, S) uint8: the model's input before normalisation."""
     display: Tensor | None = None
     """(3, 256, 256) uint8: the background of the attention-map picture, when asked for."""
+    seed: int | None = None
+    """sample: this image's own seed (:func:`fastcap.generate.derive_seeds` of its request's
+    seed and its index there), so its caption does not depend on the batch it is decoded in."""
 
 
 # ---------------------------------------------------------------------- images in any form
@@ -222,6 +225,18 @@ def to_uint8(image) -> Tensor:
         f"unsupported image type {type(image).__name__}; give a path, bytes, a PIL image, "
         "a numpy array (H, W, C) or a tensor (C, H, W)"
     )
+
+
+def _row_seeds(items: Sequence[Prepared], options: DecodeOptions) -> list[int] | None:
+    """Each item's sampling seed, or None (no seed anywhere: torch's global generator)."""
+    from fastcap.generate import derive_seeds
+
+    if options.strategy != "sample":
+        return None
+    own = [p.seed for p in items]
+    if all(sd is None for sd in own):
+        return None if options.seed is None else derive_seeds(options.seed, len(items))
+    return [int(torch.randint(0, 2**62, ())) if sd is None else sd for sd in own]
 
 
 def _as_list(images) -> tuple[bool, list]:
@@ -328,16 +343,24 @@ class ImageCaptioner:
         attention: bool = False,
         batch_size: int | None = None,
     ) -> list[Caption]:
-        """Caption prepared images in batches of ``batch_size`` rows -> one Caption each."""
+        """Caption prepared images in batches of ``batch_size`` rows -> one Caption each.
+
+        Sampling with a seed (the items' own, else ``options.seed`` and the item's index) draws
+        each image from its own stream: the same caption in any batch, alone or not."""
         from fastcap.generate import decode_texts, generate, length_penalty_factor
 
         rows = batch_size or self.batch_size
         chunk = max(1, rows // options.rows_per_image())
+        seeds = _row_seeds(items, options)
         out: list[Caption] = []
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
             x = torch.stack([p.pixels for p in part]).to(self.device)  # uint8: model normalises
-            gen = generate(self.model, x, strategy=options.strategy, **options.generate_kwargs())
+            kw = options.generate_kwargs()
+            if seeds is not None:
+                kw.pop("seed")
+                kw["row_seeds"] = torch.tensor(seeds[s : s + chunk], device=self.device)
+            gen = generate(self.model, x, strategy=options.strategy, **kw)
             texts = decode_texts(self.tokenizer, gen)
             lens = gen.lens.cpu()
             scores = gen.scores.float().cpu()

@@ -171,6 +171,46 @@ def check_controls(
         raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k}")
 
 
+# ---------------------------------------------------------------------- per-row random streams
+_M64 = 2**64
+
+
+def _signed(x: int) -> int:
+    x %= _M64
+    return x - _M64 if x >= 2**63 else x
+
+
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64 (Steele et al. 2014), as in java.util.SplittableRandom
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _srl(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def row_uniforms(seeds: Tensor, t: int) -> Tensor:
+    """(R,) int64 seeds, step t -> (R,) float64 uniforms in [0, 1): splitmix64's t-th output
+    of the stream each seed starts, computed on the seeds' device (int64 arithmetic wraps), so
+    a row's draws depend on its seed and the step alone."""
+    z = seeds + _signed((t + 1) * _GAMMA)
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11).double() * 2.0**-53
+
+
+def derive_seeds(seed: int, n: int) -> list[int]:
+    """Seeds of images 0..n-1 of a request seeded ``seed``: each from (seed, index) alone, in
+    [0, 2**63), so image i of a request draws the same whatever batch it is decoded in."""
+    import hashlib
+
+    return [
+        int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8).digest(), "big") >> 1
+        for i in range(n)
+    ]
+
+
 # ---------------------------------------------------------------------- the shared step
 # How often, in steps, the decoders look for rows (greedy, sampling) or images (beam) that have
 # finished, by device type. Each look reads a flag on the host: free on a CPU, a stall of the
@@ -309,7 +349,7 @@ def _decode_one_per_image(
         if step_logits is not None:
             step_logits[rows, t] = logits.masked_fill(done[:, None], float("nan"))
         logp = _log_probs(logits, seq[:, : t + 1], t, ctl, cfg, bans)
-        nxt = pick(logp).masked_fill(done, cfg.pad_id)  # (R,)
+        nxt = pick(logp, rows, t).masked_fill(done, cfg.pad_id)  # (R,)
         score += logp.gather(1, nxt[:, None]).squeeze(1).masked_fill(done, 0.0)
         seq[:, t + 1] = nxt
         fin = nxt == cfg.eos_id  # finished rows hold pad: these end now
@@ -387,7 +427,7 @@ def greedy(
         model,
         images,
         image_tokens,
-        lambda lp: lp.argmax(-1),
+        lambda lp, rows, t: lp.argmax(-1),
         ctl,
         use_cache=use_cache,
         output_logits=output_logits,
@@ -405,6 +445,7 @@ def sample(
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    row_seeds: Tensor | None = None,
     max_new_tokens: int | None = None,
     min_new_tokens: int = 0,
     repetition_penalty: float = 1.0,
@@ -418,8 +459,12 @@ def sample(
     rows (image-major: the samples of image 0 first).
 
     Reproducible with ``seed`` (a generator on the images' device is made from it) or an
-    explicit ``generator`` on that device. Scores are summed log-probs at the temperature,
-    before the top-k/top-p filter.
+    explicit ``generator`` on that device: one stream of draws for the whole batch, so a row's
+    draws depend on the other rows. ``row_seeds`` (B,) int64 instead gives each image its own
+    stream (:func:`row_uniforms`: counter-based, on the device), so an image's caption depends
+    only on its seed and its pixels, not on its batch (what fastcap-serve needs); its samples
+    j > 0 draw from ``row_seeds + j``. Scores are summed log-probs at the temperature, before
+    the top-k/top-p filter.
     """
     max_new = max_new_tokens or model.cfg.max_len - 1
     check_controls(
@@ -438,10 +483,22 @@ def sample(
         dev = (images if image_tokens is None else image_tokens).device
         generator = torch.Generator(device=dev).manual_seed(seed)
     ctl = _Controls(max_new, min_new_tokens, repetition_penalty, no_repeat_ngram_size, temperature)
+    R = num_return_sequences
+    if row_seeds is not None:  # (B * R,) by row: image-major, sample j of image b at b * R + j
+        row_seeds = row_seeds.to(torch.long).repeat_interleave(R)
+        row_seeds = row_seeds + torch.arange(R, device=row_seeds.device).repeat(len(row_seeds) // R)
 
-    def pick(logp: Tensor) -> Tensor:
+    def pick(logp: Tensor, rows: Tensor, t: int) -> Tensor:
         probs = top_k_top_p_filter(logp, top_k, top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if row_seeds is None:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # inverse CDF at each row's own uniform; never a token of zero probability
+        cdf = probs.double().cumsum(-1)
+        u = row_uniforms(row_seeds.to(rows.device)[rows], t) * cdf[:, -1]
+        nxt = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+        V = probs.shape[1]
+        last = V - 1 - (probs > 0).flip(-1).int().argmax(-1)
+        return torch.minimum(nxt, last)
 
     return _decode_one_per_image(
         model,

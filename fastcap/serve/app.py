@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Literal
 
@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastcap import __version__
 from fastcap.api import OPTION_NAMES, Caption, DecodeOptions, ImageCaptioner, Prepared
 from fastcap.data.images import ImageError, decode_bytes_limit, decode_rgb
+from fastcap.generate import derive_seeds
 from fastcap.serve.batcher import Batcher, Overloaded
 
 log = logging.getLogger("fastcap.serve")
@@ -287,9 +288,14 @@ def _prepare(
     attention: bool,
     limits: Limits,
     gate: threading.Semaphore,
+    opts: DecodeOptions,
 ) -> list[Prepared]:
     """Decode each image (in a pool thread) by the bounded decoder: header checked first (413
-    over ``max_pixels``, 415 not an image), one frame, at most ``gate``'s count at once."""
+    over ``max_pixels``, 415 not an image), one frame, at most ``gate``'s count at once. A
+    seeded sampling request gives each image its own seed (so any batch gives its caption)."""
+    seeds = [None] * len(blobs)
+    if opts.strategy == "sample" and opts.seed is not None:
+        seeds = derive_seeds(opts.seed, len(blobs))
     out = []
     for i, (name, data) in enumerate(blobs):
         label = name if name == f"images[{i}]" else f"images[{i}] ({name})"
@@ -301,9 +307,11 @@ def _prepare(
         except ImageError as e:
             raise ApiError(e.status, f"{label}: {e}") from None
         try:
-            out.append(cap.prepare(u8, attention=attention))
+            p = cap.prepare(u8, attention=attention)
         except ValueError as e:
             raise ApiError(415, f"{label}: {e}") from None
+        p.seed = seeds[i]
+        out.append(p)
     return out
 
 
@@ -429,9 +437,9 @@ def create_app(
             raise ApiError(
                 413, f"{len(blobs)} images; this server takes at most {limits.max_images} a request"
             )
-        prepared = await run_in_threadpool(_prepare, cap, blobs, attention, limits, gate)
-        try:
-            results, info = await batcher.submit((opts, attention), prepared)
+        prepared = await run_in_threadpool(_prepare, cap, blobs, attention, limits, gate, opts)
+        try:  # the seed travels with each image: requests of any seed share a batch
+            results, info = await batcher.submit((replace(opts, seed=None), attention), prepared)
         except Overloaded as e:
             raise ApiError(503, str(e)) from None
         # PNG encoding takes milliseconds a picture: not on the event loop
