@@ -195,3 +195,21 @@ def test_bad_shapes_name_the_shapes():
         ops.siglip_loss(torch.randn(4, 3), torch.randn(5, 3), torch.tensor(0.0), torch.tensor(0.0))
     with pytest.raises(ValueError, match="targets"):
         ops.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3))
+
+
+@pytest.mark.parametrize("gpu,want", [("a100", "triton"), ("t4", "ref")])
+def test_auto_on_a_gpu_traces_without_graph_break(gpu, want, monkeypatch):
+    """The public ops call dispatch.get inside compiled code: the capability policy's device
+    queries, the extension check and the log-once must not break a fullgraph compile (they
+    reach dynamo as constants: ``torch.compiler.assume_constant_result``)."""
+    monkeypatch.setenv("FASTCAP_KERNELS", "auto")
+    cuda = torch.device("cuda")
+
+    def f(x):
+        return x * (2.0 if dispatch.resolve("attention", cuda) == "triton" else 3.0)
+
+    with capability.simulate(gpu):
+        dispatch.validate(dispatch.OPS, cuda)  # imports the modules, as the trainer does
+        torch._dynamo.reset()
+        got = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))
+    assert got.tolist() == [2.0 if want == "triton" else 3.0] * 2

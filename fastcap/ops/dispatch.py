@@ -123,6 +123,25 @@ def _load(path: str) -> Callable:
     return fn
 
 
+# The GPU's answers, as constants to dynamo: resolve() runs inside compiled code (the public ops
+# call dispatch.get), where the device queries and the extension check would break the graph.
+@torch.compiler.assume_constant_result
+def _policy(op: str, device: torch.device) -> tuple[tuple[str, ...], str]:
+    return capability.auto_order(op, device)
+
+
+@torch.compiler.assume_constant_result
+def _triton_refused(op: str, device: torch.device) -> str | None:
+    return capability.triton_unavailable(device, op)
+
+
+@torch.compiler.assume_constant_result
+def _no_cuda_kernel() -> str | None:
+    from fastcap.common.moe_align import cuda_unavailable
+
+    return cuda_unavailable()
+
+
 def _valid(op: str) -> str:
     return ", ".join(("auto", *IMPLS[op]))
 
@@ -139,7 +158,7 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
             need = "CUDA tensors or TRITON_INTERPRET=1" if impl == "triton" else "CUDA tensors"
             return f"{op}={impl} needs {need} (got {device.type} tensors)"
         if device.type == "cuda":
-            why = capability.triton_unavailable(device, op)  # moe=cuda: Triton GEMMs too
+            why = _triton_refused(op, device)  # moe=cuda: Triton GEMMs too
             if why is not None:
                 return f"{op}={impl}: {why}"
     try:
@@ -149,9 +168,7 @@ def _why_not(op: str, impl: str, device: torch.device) -> str | None:
     if impl == "cuda" and device.type == "cuda":
         # the extension imported, but a build without a CUDA toolkit has no CUDA kernel: ask
         # the dispatcher (else the first MoE forward raises NotImplementedError)
-        from fastcap.common.moe_align import cuda_unavailable
-
-        why = cuda_unavailable()
+        why = _no_cuda_kernel()
         if why is not None:
             return f"{op}={impl} is not available here ({why})"
     return None
@@ -161,6 +178,8 @@ _logged: set[tuple[str, str]] = set()
 
 
 def _log_once(op: str, msg: str, level: int = logging.INFO) -> None:
+    if torch.compiler.is_compiling():  # dynamo cannot trace a logger call; eager calls log it
+        return
     if (op, msg) not in _logged:
         _logged.add((op, msg))
         log.log(level, msg)
@@ -186,7 +205,7 @@ def resolve(op: str, device: torch.device, *, quiet: bool = False) -> str:
         return choice
     if device.type != "cuda":
         return "ref"
-    order, policy = capability.auto_order(op, device)
+    order, policy = _policy(op, device)
     if not order:
         if not quiet:
             _log_once(op, f"fastcap.ops: {op} -> ref (auto): {policy}")
