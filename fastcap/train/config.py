@@ -310,9 +310,9 @@ def _photos() -> TrainConfig:
     return TrainConfig(
         preset="photos",
         out="runs/photos",
-        epochs=20,
+        epochs=7,
         batch_size=64,
-        eval_every=200,
+        eval_every=150,
         eval_samples=500,
         log_every=25,
         diag_every=0,
