@@ -5,6 +5,10 @@
 read it) plus ``best.json`` (step, metric, value, the validation scores). It is replaced
 whole: written to ``best.tmp/``, then renamed, so a crash leaves the previous best intact.
 On resume the kept value is read back, so selection continues where it was.
+
+The rule: the weights with the highest value, and of equal values the later step (they have
+trained longer; with 500 val images an accuracy moves in steps of 0.002, so ties are common).
+NaN never wins.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def resolve_metric(name: str, val) -> str:
 
 
 class BestKeeper:
-    """Keeps ``out/best`` for the highest ``metric`` seen (``none``: keeps nothing)."""
+    """Keeps ``out/best`` for the highest ``metric`` seen, the later of equal ones (``none``:
+    keeps nothing)."""
 
     def __init__(self, out: Path, metric: str, model_config: dict, tokenizer_path: Path):
         self.dir, self.metric = out / BEST, metric
@@ -60,7 +65,8 @@ class BestKeeper:
         return self.metric != "none"
 
     def offer(self, step: int, metrics: dict, state: dict[str, torch.Tensor]) -> bool:
-        """Keep ``state`` if its ``metrics[metric]`` beats the best so far; True if kept."""
+        """Keep ``state`` if its ``metrics[metric]`` beats or ties the best so far (a tie goes
+        to the later step); True if kept."""
         if not self.active:
             return False
         if self.metric not in metrics:
@@ -69,7 +75,7 @@ class BestKeeper:
                 f"({', '.join(sorted(metrics))}); set select_metric to one of them or none"
             )
         value = float(metrics[self.metric])
-        if not value > self.value:  # ties keep the earlier weights; NaN never wins
+        if not value >= self.value:  # a tie keeps the later weights; NaN never wins
             return False
         tmp = self.dir.with_name(BEST + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
