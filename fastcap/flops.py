@@ -100,13 +100,31 @@ def _trunk_flops(name: str, image_size: int, stride: int) -> tuple[float, int]:
     return flops, cin
 
 
-def captioner_forward_flops(cfg, caption_len: int) -> dict[str, float]:
+def has_analytic_trunk(name: str) -> bool:
+    """Is there an analytic count of this trunk (the torchvision ResNets)? Others (``timm:``
+    trunks) are counted by :func:`fastcap.measure.counted_trunk`."""
+    return name in _RESNET_BLOCKS
+
+
+def captioner_forward_flops(
+    cfg, caption_len: int, trunk: tuple[float, int] | None = None
+) -> dict[str, float]:
     """Forward FLOPs of the captioner per image, by part: ``trunk`` (the ResNet convolutions),
     ``encoder`` (projection, patch grouping, encoder layers, pooled embedding), ``unimodal``
     and ``multimodal`` (the decoder layers) and ``head`` (the tied LM head and the text
-    embedding). :func:`model_flops_per_image` is 3x their sum; see it for what is counted."""
+    embedding). :func:`model_flops_per_image` is 3x their sum; see it for what is counted.
+
+    ``trunk``: (forward FLOPs, output channels) of the trunk when it has no analytic count
+    here (:func:`has_analytic_trunk`), e.g. from :func:`fastcap.measure.counted_trunk`."""
     d, L = cfg.width, caption_len
-    trunk, channels = _trunk_flops(cfg.trunk, cfg.image_size, cfg.trunk_stride)
+    if trunk is None:
+        if not has_analytic_trunk(cfg.trunk):
+            raise ValueError(
+                f"no analytic FLOP count for trunk {cfg.trunk!r}: pass trunk=(flops, channels) "
+                "(fastcap.measure.counted_trunk counts it on the meta device)"
+            )
+        trunk = _trunk_flops(cfg.trunk, cfg.image_size, cfg.trunk_stride)
+    trunk, channels = trunk
     grid = cfg.image_size // cfg.trunk_stride
     n = (grid // cfg.patch) ** 2
     enc = _conv(channels, d, 1, grid)
@@ -138,7 +156,7 @@ def captioner_forward_flops(cfg, caption_len: int) -> dict[str, float]:
     return {"trunk": trunk, "encoder": enc, **parts, "head": head}
 
 
-def model_flops_per_image(cfg, caption_len: int) -> float:
+def model_flops_per_image(cfg, caption_len: int, trunk: tuple[float, int] | None = None) -> float:
     """Training FLOPs (forward + backward = 3x forward) of the captioner per image.
 
     Args:
@@ -154,4 +172,4 @@ def model_flops_per_image(cfg, caption_len: int) -> float:
     and the SigLIP loss's B x B products (2 B e per image, under 0.1% here); and the extra work
     of teacher forcing below 1 (:func:`fastcap.plan.teacher_forcing_flops`).
     """
-    return 3.0 * sum(captioner_forward_flops(cfg, caption_len).values())
+    return 3.0 * sum(captioner_forward_flops(cfg, caption_len, trunk).values())

@@ -260,6 +260,19 @@ def measure_activations(
     return result[0], result[1]
 
 
+def counted_trunk(cfg: ModelConfig) -> tuple[float, int]:
+    """(forward FLOPs per image, output channels) of the vision trunk as ``FlopCounterMode``
+    counts them on the meta device: for trunks :mod:`fastcap.flops` has no formula for."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trunk = build_meta(cfg, torch.float32).vision.trunk
+    x = torch.empty(1, 3, cfg.image_size, cfg.image_size, device=_META)
+    counter = FlopCounterMode(display=False)
+    with counter, MetaValues():
+        out = trunk(x)
+    return float(counter.get_total_flops()), int(out.shape[1])
+
+
 def counted_forward_flops(cfg: ModelConfig, caption_len: int, batch: int = 2) -> float:
     """Forward FLOPs per image as ``FlopCounterMode`` counts them, on the meta device, with the
     reference ops (what ``auto`` picks for non-CUDA tensors) and balanced routing."""

@@ -15,6 +15,12 @@ returns a :class:`Plan`; :func:`format_plan` writes it as a text table. What it 
 * the epoch: samples and steps (from the data when its annotation file exists, else the
   preset's documented size, :data:`DATA_DEFAULTS`), and time per epoch and per run on an A100
   and an H100 SXM at their dense bf16 peaks and an assumed MFU.
+
+With a GPU (``--plan-gpu t4|l4|a10|a100|h100``, ``2xt4`` for two of them: :data:`PLAN_GPUS`)
+the plan is for that machine instead: the precision the capability policy gives it (fp16 on a
+T4), the micro-batch per rank over that many ranks (ZeRO-3 when more than one), the memory a
+rank needs against what the card has (the margin), and the time at that card's dense
+tensor-core peak in that precision.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fastcap.flops import BF16_PEAK_TFLOPS, captioner_forward_flops
-from fastcap.measure import build_meta, counted_forward_flops, measure_activations
+from fastcap.common import capability
+from fastcap.flops import BF16_PEAK_TFLOPS, captioner_forward_flops, has_analytic_trunk
+from fastcap.measure import build_meta, counted_forward_flops, counted_trunk, measure_activations
 from fastcap.model import Captioner, ModelConfig
 from fastcap.train.config import ConfigError, TrainConfig
 
@@ -37,6 +44,81 @@ GPUS = {"A100": BF16_PEAK_TFLOPS["A100"], "H100 SXM": BF16_PEAK_TFLOPS["H100 SXM
 
 ZERO_RANKS = 8
 """The ZeRO-3 world the optimiser-memory line is given for."""
+
+
+@dataclass(frozen=True)
+class PlanGPU:
+    """A GPU ``--plan-gpu`` plans for: the capability policy's view of it
+    (:data:`fastcap.common.capability.KNOWN_GPUS`: name, capability, memory) and its dense
+    tensor-core peak in the precision the policy gives it."""
+
+    key: str
+    peak_tflops: float
+    peak_source: str
+
+    @property
+    def info(self) -> capability.GPU:
+        return capability.KNOWN_GPUS[self.key]
+
+
+PLAN_GPUS = {
+    g.key: g
+    for g in (
+        PlanGPU("t4", 65.0, "fp16 tensor cores, dense (T4 data sheet; no bf16)"),
+        PlanGPU("l4", 121.0, "bf16 dense (L4 data sheet: 242 with sparsity)"),
+        PlanGPU("a10", 125.0, "bf16 dense (A10 data sheet: 250 with sparsity)"),
+        PlanGPU("a100", 312.0, "bf16 dense (A100 data sheet)"),
+        PlanGPU("h100", 989.5, "bf16 dense (H100 SXM data sheet)"),
+    )
+}
+"""The GPUs ``--plan-gpu`` knows; the peaks are data-sheet numbers, not measurements."""
+
+ALLOWANCE = 1.0 * 2**30
+"""Bytes a rank needs beyond weights, gradients, optimiser state and saved activations, assumed
+(not measured here): the CUDA context, cuBLAS/cuDNN workspaces, the caching allocator's
+fragmentation and backward's transients."""
+
+
+def parse_plan_gpu(spec: str) -> tuple[PlanGPU, int]:
+    """``t4`` -> (the T4, 1 rank); ``2xt4`` -> (the T4, 2 ranks). ConfigError otherwise."""
+    ranks, _, key = spec.lower().rpartition("x") if "x" in spec.lower() else ("1", "", spec)
+    key = key.strip().lower()
+    if key not in PLAN_GPUS or not ranks.strip().isdigit() or int(ranks) < 1:
+        raise ConfigError(
+            f"--plan-gpu {spec!r}: give one of {', '.join(PLAN_GPUS)}, optionally as NxGPU "
+            "(2xt4: two T4s)"
+        )
+    return PLAN_GPUS[key], int(ranks)
+
+
+def gpu_precision(g: capability.GPU) -> str:
+    """What the capability policy (:func:`fastcap.common.capability.precision_for`) gives
+    ``g``: bf16 from sm_80, fp16 on sm_70/75, fp32 below."""
+    if g.capability >= capability.BF16_MIN:
+        return "bf16"
+    return "fp16" if g.capability >= capability.FP16_MIN else "fp32"
+
+
+@dataclass
+class Fit:
+    """One rank's memory on a planned GPU, in bytes."""
+
+    gpu: str
+    ranks: int
+    memory: int
+    optimizer: float
+    activations: int
+    allowance: float
+    peak_tflops: float
+    peak_source: str
+
+    @property
+    def need(self) -> float:
+        return self.optimizer + self.activations + self.allowance
+
+    @property
+    def margin(self) -> float:
+        return self.memory - self.need
 
 
 @dataclass(frozen=True)
@@ -62,6 +144,11 @@ DATA_DEFAULTS: dict[str, DataSize] = {
     ),
     "coco-base": KARPATHY_TRAIN,
     "coco-moe": KARPATHY_TRAIN,
+    "photos": DataSize(
+        6_000,
+        30_000,
+        "documented default: Karpathy Flickr8k train split, 6,000 images x 5 captions",
+    ),
 }
 """Training split sizes the plan assumes for a preset whose data is not on this machine."""
 
@@ -121,11 +208,18 @@ def count_params(model: Captioner) -> Params:
 # ----------------------------------------------------------------------------- the plan
 
 
-def teacher_forcing_flops(cfg: ModelConfig, caption_len: int) -> float:
+def trunk_count(cfg: ModelConfig) -> tuple[float, int] | None:
+    """None for a trunk with an analytic count, else its counted FLOPs and channels."""
+    return None if has_analytic_trunk(cfg.trunk) else counted_trunk(cfg)
+
+
+def teacher_forcing_flops(
+    cfg: ModelConfig, caption_len: int, trunk: tuple[float, int] | None = None
+) -> float:
     """Extra FLOPs per image of a step with teacher forcing below 1: the no-grad decoder pass
     on the gold inputs (every decoder layer and the LM head, at every position) and the text
     tower's rerun on the gold caption, forward and backward."""
-    f = captioner_forward_flops(cfg, caption_len)
+    f = captioner_forward_flops(cfg, caption_len, trunk or trunk_count(cfg))
     L = caption_len
     full_head = 2.0 * L * cfg.vocab_size * cfg.width  # the predictions: every position
     return f["unimodal"] + f["multimodal"] + full_head + 3.0 * f["unimodal"]
@@ -161,13 +255,16 @@ def data_size(cfg: TrainConfig) -> DataSize:
     )
 
 
-def optimizer_bytes(params: int, persistent: int = 0, world: int = 1) -> float:
+def optimizer_bytes(
+    params: int, persistent: int = 0, world: int = 1, fp32_grads: bool = False
+) -> float:
     """Per-rank bytes of bf16 parameters (2) and gradients (2), and AdamW's fp32 master copy
     and two moments (12), per parameter. With ``world`` > 1, ZeRO-3: everything partitioned
     over the ranks except the ``persistent`` parameters (below the persistence threshold),
-    whose bf16 copy every rank keeps whole."""
+    whose bf16 copy every rank keeps whole. ``fp32_grads``: at one rank DeepSpeed's bf16/fp16
+    optimiser (stage 0) also keeps fp32 gradients, 4 B a parameter more."""
     if world == 1:
-        return 16.0 * params
+        return (20.0 if fp32_grads else 16.0) * params
     return 2.0 * persistent + 2.0 * (params - persistent) / world + 14.0 * params / world
 
 
@@ -200,27 +297,39 @@ class Plan:
     tf_p_min: float
     mfu: float
     epoch_seconds: dict[str, float] = field(default_factory=dict)
+    fit: Fit | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def make_plan(cfg: TrainConfig, mfu: float = DEFAULT_MFU, cross_check: bool = True) -> Plan:
+def make_plan(
+    cfg: TrainConfig, mfu: float = DEFAULT_MFU, cross_check: bool = True, gpu: str | None = None
+) -> Plan:
     """The plan of the run ``cfg`` describes, at one rank (``batch_size`` / ``grad_accum``
     per micro-batch) and decoder sequences of ``model.max_len`` positions (the worst a batch
-    pads to)."""
+    pads to); with ``gpu`` (``t4``, ``2xt4``: :func:`parse_plan_gpu`) on that many of that
+    GPU, in the precision the capability policy gives it."""
     if not 0 < mfu <= 1:
         raise ConfigError(f"--plan-mfu {mfu}: give a fraction in (0, 1], e.g. 0.35")
+    pg, ranks = parse_plan_gpu(gpu) if gpu else (None, 1)
+    if cfg.batch_size % (ranks * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} does not divide across {ranks} ranks x "
+            f"{cfg.grad_accum} accumulation steps; use a multiple of {ranks * cfg.grad_accum}"
+        )
     m = cfg.model
     L = m.max_len
     params = count_params(build_meta(m))
     n_img = (m.image_size // m.trunk_stride // m.patch) ** 2
-    fwd = sum(captioner_forward_flops(m, L).values())
+    trunk = trunk_count(m)
+    fwd = sum(captioner_forward_flops(m, L, trunk).values())
     tf_p = tf_min(cfg)
-    tf_extra = teacher_forcing_flops(m, L) if tf_p < 1 else 0.0
-    precision = "bf16" if cfg.precision == "auto" else cfg.precision
+    tf_extra = teacher_forcing_flops(m, L, trunk) if tf_p < 1 else 0.0
+    auto = gpu_precision(pg.info) if pg else "bf16"
+    precision = auto if cfg.precision == "auto" else cfg.precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    micro = max(1, cfg.batch_size // cfg.grad_accum)
+    micro = max(1, cfg.batch_size // (ranks * cfg.grad_accum))
     act, act_ckpt = measure_activations(m, micro, L, dtype, tf_p=0.5 if tf_p < 1 else 1.0)
     meta = build_meta(m)
     persistent = sum(
@@ -232,9 +341,24 @@ def make_plan(cfg: TrainConfig, mfu: float = DEFAULT_MFU, cross_check: bool = Tr
     steps = samples // cfg.batch_size
     total = cfg.max_steps or max(1, int(cfg.epochs * steps))
     per_sample = 3.0 * fwd + tf_extra
+    peaks = {f"{ranks} x {pg.key.upper()}": pg.peak_tflops} if pg else GPUS
     seconds = {
-        gpu: steps * cfg.batch_size * per_sample / (peak * 1e12 * mfu) for gpu, peak in GPUS.items()
+        name: steps * cfg.batch_size * per_sample / (ranks * peak * 1e12 * mfu)
+        for name, peak in peaks.items()
     }
+    fit = None
+    if pg:
+        half = precision != "fp32"
+        fit = Fit(
+            gpu=pg.info.label(),
+            ranks=ranks,
+            memory=pg.info.total_memory,
+            optimizer=optimizer_bytes(params.total, persistent, ranks, fp32_grads=half),
+            activations=act_ckpt if cfg.checkpointing else act,
+            allowance=ALLOWANCE,
+            peak_tflops=pg.peak_tflops,
+            peak_source=pg.peak_source,
+        )
     return Plan(
         preset=cfg.preset,
         params=params,
@@ -261,6 +385,7 @@ def make_plan(cfg: TrainConfig, mfu: float = DEFAULT_MFU, cross_check: bool = Tr
         tf_p_min=tf_p,
         mfu=mfu,
         epoch_seconds=seconds,
+        fit=fit,
     )
 
 
@@ -349,14 +474,26 @@ def format_plan(p: Plan) -> str:
         f"{p.epochs:g} epochs = {p.total_steps:,} steps; warmup {p.warmup_steps:,} "
         f"({warm:.1%}); teacher forcing down to p={p.tf_p_min:g}",
     )
-    for gpu, s in p.epoch_seconds.items():
-        peak = GPUS[gpu]
-        run = s * p.total_steps / max(p.steps_per_epoch, 1)
+    f = p.fit
+    if f is not None:
+        zero = f"ZeRO-3 over {f.ranks}" if f.ranks > 1 else "1 rank"
+        row("GPU", f"{f.ranks} x {f.gpu}, {_gib(f.memory)} each: {p.precision} (capability policy)")
         row(
-            f"time on 1 {gpu}",
-            f"{_time(s)} per epoch, {_time(run)} per run ({peak:g} TFLOP/s bf16 peak x "
-            f"{p.mfu:.0%} MFU)",
+            "memory per rank",
+            f"{_gib(f.need)} = params+grads+AdamW {_gib(f.optimizer)} ({zero}) + activations "
+            f"{_gib(f.activations)} (batch {p.micro_batch}/rank, checkpointing {on}) + "
+            f"{_gib(f.allowance)} allowance (context, workspaces, fragmentation: assumed)",
         )
+        verdict = "fits" if f.margin > 0 else "does NOT fit"
+        row("  margin", f"{_gib(f.margin)} ({f.margin / f.memory:.0%} of the card): {verdict}")
+    for gpu, s in p.epoch_seconds.items():
+        run = s * p.total_steps / max(p.steps_per_epoch, 1)
+        if f is not None:
+            peak = f"{f.peak_tflops:g} TFLOP/s {f.peak_source}"
+            label = f"time on {gpu}"
+        else:
+            peak, label = f"{GPUS[gpu]:g} TFLOP/s bf16 peak", f"time on 1 {gpu}"
+        row(label, f"{_time(s)} per epoch, {_time(run)} per run ({peak} x {p.mfu:.0%} MFU)")
     width = max(len(k) for k, _ in rows)
     head = f"fastcap-train --plan: {p.preset}"
     return "\n".join([head, "-" * len(head)] + [f"{k:<{width}}  {v}" for k, v in rows])

@@ -13,7 +13,7 @@ import torch
 from fastcap import measure, plan
 from fastcap.flops import captioner_forward_flops
 from fastcap.model import Captioner, ModelConfig, MoEConfig
-from fastcap.train.config import PRESETS, build
+from fastcap.train.config import PRESETS, ConfigError, build
 from fastcap.train.parallelize import apply_activation_checkpointing
 
 # Smaller than the tests' tiny run: resnet18 cut at stride 8 (conv1 .. layer2) on 32 px images,
@@ -185,3 +185,66 @@ def test_cli_plan_touches_nothing(tmp_path):
         assert line in r.stdout
     assert "time on 1 A100" in r.stdout and "ZeRO-3 x 8" in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- --plan-gpu
+
+
+def test_plan_gpu_spec():
+    assert plan.parse_plan_gpu("t4") == (plan.PLAN_GPUS["t4"], 1)
+    assert plan.parse_plan_gpu("2xT4") == (plan.PLAN_GPUS["t4"], 2)
+    assert plan.parse_plan_gpu("8xh100") == (plan.PLAN_GPUS["h100"], 8)
+    for bad in ("v100", "0xt4", "twoxt4", "2x", ""):
+        with pytest.raises(ConfigError, match="--plan-gpu"):
+            plan.parse_plan_gpu(bad)
+
+
+@pytest.mark.parametrize("key", sorted(plan.PLAN_GPUS))
+def test_plan_gpu_precision_is_the_policys(key):
+    """The plan's precision for a GPU is what the capability policy picks on it."""
+    from fastcap.common import capability
+
+    with capability.simulate(key):
+        want = capability.precision_for(torch.device("cuda", 0))
+    assert plan.gpu_precision(plan.PLAN_GPUS[key].info) == want
+    assert want == ("fp16" if key == "t4" else "bf16")
+
+
+def test_plan_gpu_memory_and_time():
+    """2 x T4: fp16, the batch split over two ranks and the accumulation steps, ZeRO-3 over 2,
+    the margin against 15 GiB, and half the time of one T4 at the T4's fp16 peak."""
+    cfg = build("shapes-tiny", None, ["batch_size=64", "grad_accum=2"])
+    one = plan.make_plan(cfg, cross_check=False, gpu="t4")
+    two = plan.make_plan(cfg, cross_check=False, gpu="2xt4")
+    assert two.precision == one.precision == "fp16"
+    assert (one.micro_batch, two.micro_batch) == (32, 16)
+    f = two.fit
+    assert f.ranks == 2 and f.memory == 15 * 2**30 and f.activations == two.activations
+    persistent = sum(
+        p.numel()
+        for p in measure.build_meta(cfg.model).parameters()
+        if p.numel() < cfg.zero_persistence_threshold
+    )
+    assert f.optimizer == plan.optimizer_bytes(two.params.total, persistent, 2)
+    assert one.fit.optimizer == 20.0 * one.params.total  # stage 0, fp16: fp32 grads too
+    assert f.need == f.optimizer + f.activations + plan.ALLOWANCE
+    assert f.margin == f.memory - f.need > 0
+    (t1,), (t2,) = one.epoch_seconds.values(), two.epoch_seconds.values()
+    assert t2 == pytest.approx(t1 / 2)
+    per_sample = 3.0 * one.flops_forward + one.flops_tf_extra
+    assert t1 == pytest.approx(one.steps_per_epoch * 64 * per_sample / (65.0e12 * plan.DEFAULT_MFU))
+    text = plan.format_plan(two)
+    assert "2 x Tesla T4 (sm_75), 15.00 GiB each: fp16" in text and ": fits" in text
+    with pytest.raises(ConfigError, match="does not divide"):
+        plan.make_plan(build("shapes-tiny", None, ["batch_size=6", "grad_accum=2"]),
+                       cross_check=False, gpu="2xt4")  # fmt: skip
+
+
+def test_cli_plan_gpu_says_whether_it_fits():
+    r = subprocess.run(
+        [sys.executable, "-m", "fastcap.cli.train", "--preset", "coco-base", "--plan",
+         "--plan-gpu", "2xt4", "batch_size=256"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "does NOT fit" in r.stdout and "time on 2 x T4" in r.stdout  # 128 images a rank

@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="model FLOPs utilisation the --plan times assume (default 0.35)",
     )
+    p.add_argument(
+        "--plan-gpu",
+        metavar="GPU",
+        help="plan for this GPU: t4, l4, a10, a100 or h100, or N of them as NxGPU (2xt4): its "
+        "precision, the memory a rank needs against the card's, the time at its peak",
+    )
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument(
         "overrides",
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastcap.plan import DEFAULT_MFU, format_plan, make_plan
 
             mfu = DEFAULT_MFU if args.plan_mfu is None else args.plan_mfu
-            print(format_plan(make_plan(cfg, mfu=mfu)))
+            print(format_plan(make_plan(cfg, mfu=mfu, gpu=args.plan_gpu)))
             return 0
         from fastcap.train.checkpoint import CheckpointError
         from fastcap.train.loop import NonFiniteError, Trainer
