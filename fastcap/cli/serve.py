@@ -40,7 +40,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-queue", type=int, default=256, help="images waiting before 503")
     g = p.add_argument_group("limits")
     g.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20)
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    g.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="of one image (its first frame)"
+    )
+    g.add_argument(
+        "--max-decodes",
+        type=int,
+        default=d.max_concurrent_decodes,
+        help="images decoded at once (each allocates at most max-pixels x 12 bytes)",
+    )
     g.add_argument("--max-images", type=int, default=d.max_images, help="per request")
     g.add_argument("--max-beams", type=int, default=d.max_beams)
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -49,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for name in ("max_images", "max_beams", "max_pixels", "max_queue"):
+    for name in ("max_images", "max_beams", "max_pixels", "max_queue", "max_decodes"):
         if getattr(args, name) < 1:
             print(f"fastcap-serve: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             max_images=args.max_images,
             max_beams=args.max_beams,
+            max_concurrent_decodes=args.max_decodes,
         )
         app = create_app(
             cap,

@@ -15,8 +15,11 @@ One bounded decoder serves every reader (:class:`~fastcap.data.captionset.Captio
 - anything that is not an image, or a broken one, is :class:`NotAnImage` (a ValueError) with
   one line saying why; readers count it as a bad record, the server answers 415.
 
-JPEG, PNG and WebP go to torchvision's decoders (libjpeg-turbo, libpng, libwebp); GIF and the
-formats torchvision lacks (BMP, TIFF, ...) to PIL, which decodes the first frame alone.
+JPEG and WebP go to torchvision's decoders (libjpeg-turbo, libwebp); PNG, GIF and the formats
+torchvision lacks (BMP, TIFF, ...) to PIL, which decodes the first frame alone. Not PNG to
+torchvision: its ``decode_png`` (0.29) dies of a segmentation fault on a PNG whose IDAT fails
+its check (after "libpng error: IDAT: incorrect data check"), found by tests/test_fuzz_images.py;
+one such upload would kill the server, one such file a training run.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ DECODE_BYTES_PER_PIXEL = 12
 """What decoding one frame allocates at most, per pixel: the decoder's frame (up to 8 bytes, a
 16-bit RGBA PNG) and its RGB uint8 copy (3), rounded up. So a decode under ``max_pixels``
 allocates at most ``max_pixels * DECODE_BYTES_PER_PIXEL`` bytes (:func:`decode_bytes_limit`)."""
-_TORCHVISION = ("JPEG", "PNG", "WEBP")  # formats whose torchvision decoder reads one frame
+_TORCHVISION = ("JPEG", "WEBP")  # formats whose torchvision decoder reads one frame, safely
 
 
 class ImageError(ValueError):
@@ -136,8 +139,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = READ_MAX_PIXELS) -> Tensor:
                 warnings.simplefilter("ignore")
                 im.seek(0)
                 im.load()
-                # PIL holds RGB as 4 bytes a pixel; convert() of an RGB image would copy it
-                rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                rgb = _pil_rgb(im)
         except Exception as e:  # truncated, corrupt: whatever PIL raises
             raise NotAnImage(f"{fmt} image that cannot be decoded ({_why(e)})") from None
         if rgb.shape[:2] != (h, w):  # a header that lied
@@ -158,6 +160,16 @@ def _to_uint8(img: Tensor, rows: int = 256) -> Tensor:
     for r in range(0, img.shape[-2], rows):
         out[:, r : r + rows] = TF.to_dtype(img[:, r : r + rows], torch.uint8, scale=True)
     return out
+
+
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    """A loaded PIL frame -> (H, W, 3) uint8. 16-bit gray keeps its high byte (PIL's own
+    convert() would clip it at 255); an RGB frame is not converted (PIL holds RGB as 4 bytes
+    a pixel: convert() would copy it)."""
+    if im.mode.startswith("I;16"):
+        g = (np.asarray(im) >> 8).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def fit(img: Tensor, size: int) -> Tensor:
