@@ -213,7 +213,8 @@ class Trainer:
         if self.is_main:
             metrics = self._final_eval(m)
             print(f"bad records skipped in {self.cfg.data.train_split}: {len(self.train.bad)}")
-        torch.distributed.barrier()
+        # no barrier: the other ranks leave now (rank 0 makes no collective call after the
+        # gather above), so an evaluation longer than the process group's timeout cannot fail
         self.tracker.finish(metrics, len(self.train.bad))
         return metrics
 
