@@ -4,7 +4,8 @@ Each sample is ``KEY.jpg`` (or ``.png`` …: the original file's bytes, never re
 ``KEY.json`` = ``{"id": int, "captions": [str, ...], "split": str}``; the key is the record id,
 zero-padded. Shards are ``OUT/SPLIT-000000.tar`` …; each is written under a temporary name and
 renamed when complete, so a crash never leaves a truncated shard under a real name. A
-``sizes.json`` (shard file name -> samples) is written last, the same way.
+``sizes.json`` (shard file name -> samples) and a ``captions.json`` (shard file name ->
+captions, what a caption epoch over the shards counts) are written last, the same way.
 
 Records that cannot be used (missing or empty file, no non-empty caption) are skipped and
 counted as in training; the images are not decoded here (training checks them).
@@ -48,7 +49,7 @@ def write_shards(
     tracker.check()
     if not kept:
         raise DataError(f"shard {split}: no usable records")
-    sizes = {}
+    sizes, ncaps = {}, {}
     paths = []
     for n, s in enumerate(range(0, len(kept), shard_size)):
         path = out / f"{split}-{n:06d}.tar"
@@ -64,10 +65,12 @@ def write_shards(
                 _add(tf, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
         os.replace(tmp, path)
         sizes[path.name] = len(chunk)
+        ncaps[path.name] = sum(len(rec.captions) for rec in chunk)
         paths.append(path)
-    old = json.loads((out / "sizes.json").read_text()) if (out / "sizes.json").is_file() else {}
-    old.update(sizes)
-    tmp = out / "sizes.json.tmp"
-    tmp.write_text(json.dumps(old, indent=1, sort_keys=True))
-    os.replace(tmp, out / "sizes.json")
+    for name, counts in (("sizes.json", sizes), ("captions.json", ncaps)):
+        old = json.loads((out / name).read_text()) if (out / name).is_file() else {}
+        old.update(counts)
+        tmp = out / (name + ".tmp")
+        tmp.write_text(json.dumps(old, indent=1, sort_keys=True))
+        os.replace(tmp, out / name)
     return paths, tracker.bad

@@ -40,7 +40,14 @@ from fastcap.data.captionset import CaptionSet
 from fastcap.data.karpathy import load_records
 from fastcap.data.records import DataError, Record
 from fastcap.data.stream import StreamSet
-from fastcap.data.wds import WdsSet, expand_shards, iter_records
+from fastcap.data.wds import (
+    WdsSet,
+    _is_remote,
+    expand_shards,
+    iter_records,
+    iter_shard_captions,
+    shard_sizes,
+)
 
 KINDS = ("shapes", "karpathy", "coco", "folder", "wds")
 # the caption files a folder dataset may hold, in the order they are looked for
@@ -223,6 +230,33 @@ def load_split_records(spec: str, split: str, image_root: str | None = None) -> 
     return [r for r, _ in iter_records(spec.split(":", 1)[1], split)]
 
 
+def has_split(spec: str, split: str, image_root: str | None = None) -> bool:
+    """Does ``split`` hold any image? From the annotation file, or for shards from
+    ``sizes.json`` (else their tar headers): no image is read."""
+    kind, _, _ = parse_spec(spec, image_root)
+    if kind != "wds":
+        return bool(load_split_records(spec, split, image_root))
+    try:
+        return sum(shard_sizes(expand_shards(spec.split(":", 1)[1], split, spec=spec))) > 0
+    except DataError:
+        return False
+
+
+def training_captions(spec: str, split: str, image_root: str | None = None) -> list[str]:
+    """Every caption of ``split`` (what the tokenizer is trained on). Local shards: only their
+    caption members are read (tarfile seeks over the images); remote ones stream whole."""
+    kind, _, _ = parse_spec(spec, image_root)
+    if kind != "wds":
+        return [c for r in load_split_records(spec, split, image_root) for c in r.captions]
+    try:
+        urls = expand_shards(spec.split(":", 1)[1], split, spec=spec)
+    except DataError:
+        return []
+    if any(_is_remote(u) for u in urls):
+        return [c for r, _ in iter_records(spec.split(":", 1)[1], split) for c in r.captions]
+    return [c for u in urls for _, caps in iter_shard_captions(u) for c in caps]
+
+
 def _wds_in_memory(pattern: str, split: str, tokenizer, image_size, max_len, **kw) -> CaptionSet:
     """A (small) wds split decoded into a CaptionSet, through a temporary folder of its images."""
     with tempfile.TemporaryDirectory(prefix="fastcap-wds-") as d:
@@ -255,13 +289,9 @@ def open_split(
     ``batches(epoch, start, global_batch, *, seed, rank, world)`` yielding
     ``Batch(images (b, 3, S, S) uint8, tokens (b, L), lens (b,), ids)``, ``bad`` and
     ``records``. ``epoch_unit``: what an epoch enumerates, every image once (``image``) or every
-    caption of every image once (``caption``; not for tar shards, which are read in order).
-    Raises DataError on a bad spec, an empty split or too many bad records."""
-    if spec.startswith("wds:") and epoch_unit != "image":
-        raise DataError(
-            f"wds:{spec.split(':', 1)[1]}: epoch_unit {epoch_unit!r} needs an indexable split; "
-            "shards stream one caption draw per sample, use data.epoch_unit=image"
-        )
+    caption of every image once (``caption``; over tar shards, each sample once per caption,
+    counted from ``captions.json``: :mod:`fastcap.data.wds`). Raises DataError on a bad spec,
+    an empty split or too many bad records."""
     kind, _, _ = parse_spec(spec, image_root)
     name = split
     if kind == "wds":
@@ -285,6 +315,7 @@ def open_split(
             max_len,
             num_workers=num_workers,
             max_bad_fraction=max_bad_fraction,
+            epoch_unit=epoch_unit,
         )
     recs = load_split_records(spec, split, image_root)
     if not recs:

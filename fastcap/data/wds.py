@@ -24,6 +24,12 @@ position of a run is just (epoch, batch index): resume skips the consumed sample
 (reading, not decoding, them) and continues bit-identically. Batches depend on ``num_workers``:
 resume with the same value.
 
+``data.epoch_unit=caption`` (the COCO presets) makes an epoch every caption of every sample
+once: each sample enters the shuffle buffer once per caption, with that caption, and the plan
+counts captions per shard from ``captions.json`` beside the shards (``fastcap-data shard``
+writes it; without it the caption counts are read from the shards' caption members once, when
+the split is opened, on local shards only).
+
 A shard cut short or corrupt (webdataset skips the rest of it, with a warning) holds fewer
 samples than ``sizes.json`` says: the stream counts each missing sample as a bad record (named
 ``SHARD#missing-N``, subject to ``max_bad_fraction``) and makes up its planned batches by reading
@@ -124,6 +130,50 @@ def shard_sizes(urls: list[str]) -> list[int]:
     return out
 
 
+def shard_captions(urls: list[str]) -> list[int]:
+    """Captions per shard: from ``captions.json`` beside the shards, else by reading the
+    caption members (json / txt) of local shards; the image members are skipped unread."""
+    counts: dict[str, int] = {}
+    for d in {str(Path(u).parent) for u in urls if not _is_remote(u)}:
+        f = Path(d) / "captions.json"
+        if f.is_file():
+            counts.update({str(Path(d) / k): v for k, v in json.loads(f.read_text()).items()})
+    out = []
+    for u in urls:
+        if u in counts:
+            out.append(counts[u])
+            continue
+        if _is_remote(u):
+            raise DataError(
+                f"{u}: a caption epoch over remote shards needs a captions.json (captions per "
+                "shard, as fastcap-data shard writes it) beside them, or data.epoch_unit=image"
+            )
+        out.append(sum(max(1, len(c)) for _, c in iter_shard_captions(u)))
+    return out
+
+
+def iter_shard_captions(url: str) -> Iterator[tuple[str, list[str]]]:
+    """(key, captions) of every sample of one local shard, reading only its caption members
+    (tarfile seeks over the others)."""
+    try:
+        with tarfile.open(url) as tf:
+            members: dict[str, dict] = {}
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, {"__key__": key})
+                if ext in TEXT_EXTS:
+                    members[key][ext] = tf.extractfile(m).read()
+            for key, smp in members.items():
+                try:
+                    yield key, sample_captions(smp)
+                except (ValueError, UnicodeDecodeError):
+                    yield key, []
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"{url}: not a readable tar shard ({short_reason(e)})") from None
+
+
 def sample_captions(sample: dict) -> list[str]:
     """The non-empty captions of one webdataset sample (json or txt member)."""
     if "json" in sample:
@@ -179,8 +229,9 @@ class _Stream(IterableDataset):
     ``planned`` times (see the module docstring on short shards)."""
 
     def __init__(self, urls, sizes, planned, skip, local, seed, tokenizer, image_size, max_len,
-                 buffer):  # fmt: skip
+                 buffer, per_caption=False):  # fmt: skip
         self.urls, self.sizes, self.planned = urls, sizes, planned
+        self.per_caption = per_caption
         self.skip, self.local, self.seed = skip, local, seed
         self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
         self.buffer = buffer
@@ -197,7 +248,19 @@ class _Stream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, s: dict, rng: random.Random):
+    def _items(self, s: dict):
+        """A sample as items (sample, caption index): one per caption in a caption epoch
+        (a sample without any still one, to be counted bad), else (sample, None)."""
+        if not self.per_caption:
+            return [(s, None)]
+        try:
+            n = len(sample_captions(s))
+        except (ValueError, UnicodeDecodeError):
+            n = 0
+        return [(s, j) for j in range(max(1, n))]
+
+    def _decode(self, item: tuple, rng: random.Random):
+        s, j = item
         name = f"{s.get('__url__')}#{s.get('__key__')}"
         u = rng.random()  # drawn for every sample so a bad one shifts no later choice
         try:
@@ -208,7 +271,7 @@ class _Stream(IterableDataset):
             if img is None:
                 return None, (name, f"no image member ({', '.join(IMAGE_EXTS)})")
             x = decode_bytes(img, self.image_size)
-            cap = caps[min(int(u * len(caps)), len(caps) - 1)]
+            cap = caps[min(int(u * len(caps)), len(caps) - 1) if j is None else j]
             return (x, encode_caption(self.tokenizer, cap, self.max_len), sample_id(s)), None
         except Exception as e:  # a bad sample never kills the worker
             return None, (name, short_reason(e))
@@ -223,8 +286,9 @@ class _Stream(IterableDataset):
 
         def first():
             for s in _samples(urls, _warn_and_continue):
-                seen[s.get("__url__")] += 1
-                yield s
+                items = self._items(s)
+                seen[s.get("__url__")] += len(items)
+                yield from items
             for u, n in zip(self.urls, self.sizes):
                 if seen[u] < n:
                     log.warning("%s: %d of %d samples read; the rest count as bad", u, seen[u], n)
@@ -234,7 +298,8 @@ class _Stream(IterableDataset):
         yield from self._shuffled(first(), rng)
         while sum(seen.values()):  # a pass that reads nothing: give up
             rng.shuffle(urls)
-            yield from self._shuffled(_samples(urls, _warn_and_continue), rng)
+            again = (it for s in _samples(urls, _warn_and_continue) for it in self._items(s))
+            yield from self._shuffled(again, rng)
 
     def __iter__(self):
         rng = random.Random(self.seed)
@@ -294,13 +359,19 @@ class WdsSet:
         shuffle_buffer: int = 1000,
         max_bad_fraction: float = 0.01,
         world: int | None = None,
+        epoch_unit: str = "image",
     ):
         self.pattern, self.split = pattern, split
         self.tokenizer, self.image_size, self.max_len = tokenizer, image_size, max_len
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.world = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if epoch_unit not in ("image", "caption"):
+            raise DataError(f"epoch unit {epoch_unit!r}: use image or caption")
+        self.epoch_unit = epoch_unit
         self.urls = expand_shards(pattern, split)
         self.sizes = shard_sizes(self.urls)
+        # what the plan counts per shard: samples, or captions in a caption epoch
+        self.units = self.sizes if epoch_unit == "image" else shard_captions(self.urls)
         if len(self.urls) < self.world:
             raise DataError(
                 f"wds:{pattern}: {len(self.urls)} shard(s) for {self.world} ranks; every rank "
@@ -315,7 +386,7 @@ class WdsSet:
                 self.world,
                 self.streams,
             )
-        self.tracker = BadTracker(f"wds {split}", sum(self.sizes), max_bad_fraction)
+        self.tracker = BadTracker(f"wds {split}", sum(self.units), max_bad_fraction)
         self._records: list[Record] | None = None
 
     @property
@@ -338,7 +409,7 @@ class WdsSet:
 
     def _counts(self, local: int, rank: int, world: int) -> list[int]:
         """Full batches of each stream of ``rank`` (the same every epoch)."""
-        return [sum(self.sizes[i] for i in sh) // local for sh in self._stream_shards(rank, world)]
+        return [sum(self.units[i] for i in sh) // local for sh in self._stream_shards(rank, world)]
 
     def steps_per_epoch(self, global_batch: int, world: int | None = None) -> int:
         """Batches every rank takes per epoch: the smallest rank's count."""
@@ -362,7 +433,7 @@ class WdsSet:
         for s, shards in enumerate(self._stream_shards(rank, world)):
             ds = _Stream(
                 [self.urls[i] for i in shards],
-                [self.sizes[i] for i in shards],
+                [self.units[i] for i in shards],
                 counts[s],
                 done.count(s),
                 local,
@@ -371,6 +442,7 @@ class WdsSet:
                 self.image_size,
                 self.max_len,
                 self.shuffle_buffer,
+                per_caption=self.epoch_unit == "caption",
             )
             if self.num_workers > 0:
                 # pin_memory: the step's non_blocking copy overlaps only from pinned memory (see

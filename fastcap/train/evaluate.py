@@ -18,7 +18,7 @@ from fastcap.cider import cider_d
 from fastcap.data.captionset import CaptionSet
 from fastcap.data.features import eval_inputs
 from fastcap.data.shapes import caption_correct
-from fastcap.data.sources import load_split_records, open_split
+from fastcap.data.sources import has_split, open_split
 from fastcap.generate import decode_texts, generate
 from fastcap.metrics import caption_metrics, shapes_accuracy, simple_tokenize
 from fastcap.train.checkpoint import atomic_write
@@ -216,7 +216,7 @@ def final_eval(model, tokenizer, *, device, cfg, out: Path, progress: bool, tag:
     dc, mc = cfg.data, cfg.model
     metrics: dict = {}
     for split in dc.eval_splits:
-        if not load_split_records(dc.data, split, dc.image_root):
+        if not has_split(dc.data, split, dc.image_root):
             log.warning("no images in split %r; skipped", split)
             continue
         cs = open_split(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fastcap.data.sources import load_split_records, open_split
+from fastcap.data.sources import has_split, open_split, training_captions
 from fastcap.data.tokenizer import CaptionTokenizer
 from fastcap.model import ModelConfig
 from fastcap.train.checkpoint import atomic_write
@@ -34,21 +34,31 @@ def open_run_data(
 ):
     """(tokenizer, train split, val split or None); a new run's rank 0 first writes
     ``tokenizer.json`` (trained on the training captions, or a copy of ``tokenizer_from``: a
-    run that starts from another's weights keeps its vocabulary) and ``config.json`` (a
-    collective call: the other ranks wait)."""
+    run that starts from another's weights keeps its vocabulary) and ``config.json``; the
+    other ranks wait (a collective call) and load it. Only rank 0 reads the training captions
+    (of shards: their caption members alone), and each split is opened once."""
     dc = cfg.data
-    train_recs = load_split_records(dc.data, dc.train_split, dc.image_root)
-    if not train_recs:
+    if not has_split(dc.data, dc.train_split, dc.image_root):
         raise ConfigError(f"{dc.data}: no images in split {dc.train_split!r}")
     tok_path = out / "tokenizer.json"
     if new_run:
-        if is_main and tokenizer_from is not None:
-            atomic_write(tok_path, Path(tokenizer_from).read_bytes())
-        elif is_main:
-            captions = [c for r in train_recs for c in r.captions]
-            CaptionTokenizer.train(captions, vocab_size=dc.vocab_size).save(tok_path)
+        failed = None
         if is_main:
-            atomic_write(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+            try:
+                if tokenizer_from is not None:
+                    atomic_write(tok_path, Path(tokenizer_from).read_bytes())
+                else:
+                    captions = training_captions(dc.data, dc.train_split, dc.image_root)
+                    CaptionTokenizer.train(captions, vocab_size=dc.vocab_size).save(tok_path)
+                atomic_write(out / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
+            except Exception as e:  # every rank raises, none waits for rank 0 forever
+                failed = f"{type(e).__name__}: {e}"
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            vote = [failed]
+            torch.distributed.broadcast_object_list(vote, src=0)
+            failed = vote[0]
+        if failed:
+            raise ConfigError(f"{dc.data}: the tokenizer could not be made ({failed})")
         torch.distributed.barrier()
     tok = CaptionTokenizer.load(tok_path)
     mc = with_tokenizer(cfg.model, tok)
@@ -69,7 +79,7 @@ def open_run_data(
         epoch_unit=dc.epoch_unit,
         **common,
     )
-    has_val = bool(load_split_records(dc.data, dc.val_split, dc.image_root))
+    has_val = has_split(dc.data, dc.val_split, dc.image_root)
     val = open_split(dc.data, dc.val_split, in_memory=True, **common) if has_val else None
     if is_main:
         print(
