@@ -255,13 +255,16 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-def run(archs=ARCHS, dtypes=DTYPES, modules=None, jobs: int = 2, unaligned=False) -> dict:
-    """Enumerate, compile in ``jobs`` processes, and judge every row."""
+def run(archs=ARCHS, dtypes=DTYPES, modules=None, jobs: int = 2, unaligned=False,
+        cache: str | None = None) -> dict:  # fmt: skip
+    """Enumerate, compile in ``jobs`` processes, and judge every row. ``cache``: a Triton cache
+    folder to reuse (default a fresh temporary one, so that every compile really runs)."""
     t0 = time.perf_counter()
     rows, todo = enumerate_jobs(archs, dtypes, modules, unaligned)
     # The slowest first, so that the last compile does not run alone.
     todo.sort(key=lambda j: -j["options"]["num_warps"])
-    with tempfile.TemporaryDirectory(prefix="fastcap-triton-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="fastcap-triton-cache-") as tmp:
+        cache = cache or tmp
         pool = ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(cache,)
         )
@@ -324,8 +327,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     ap.add_argument("--unaligned", action="store_true", help="no divisibility hint on integers")
     ap.add_argument("--json", help="also write the report here")
+    ap.add_argument("--cache", help="reuse this Triton cache folder (default: a fresh one)")
     args = ap.parse_args(argv)
-    report = run(args.arch, args.dtype, args.module, args.jobs, args.unaligned)
+    report = run(args.arch, args.dtype, args.module, args.jobs, args.unaligned, args.cache)
     print(format_table(report), flush=True)
     if args.json:
         with open(args.json, "w") as f:
