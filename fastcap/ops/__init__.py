@@ -6,6 +6,8 @@ implementation that :mod:`fastcap.ops.dispatch` picks from ``FASTCAP_KERNELS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.distributed as dist
 from torch import Tensor
 
@@ -14,9 +16,12 @@ from fastcap.ops import dispatch, siglip_dist
 __all__ = ["attention", "moe_ffn", "siglip_loss", "linear_cross_entropy", "dispatch"]
 
 
-def _need(cond: bool, msg: str) -> None:
+def _need(cond: bool, msg: Callable[[], str]) -> None:
+    # the message is built only when the check fails: formatting a data-dependent size (the
+    # token count after padding is dropped) would specialise it under torch.compile, which
+    # torch 2.11 refuses in a fullgraph trace (tests/test_custom_ops.py)
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg())
 
 
 def attention(
@@ -45,27 +50,33 @@ def attention(
     """
     _need(
         q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-        f"attention: q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-        f"{tuple(v.shape)}",
+        lambda: (
+            f"attention: q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        ),
     )
     B, H, Lq, D = q.shape
     _need(
         k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D,
-        f"attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, "
-        f"v {tuple(v.shape)}",
+        lambda: (
+            f"attention: k and v must be (B={B}, H={H}, Lk, D={D}); got k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        ),
     )
     _need(
         q.dtype == k.dtype == v.dtype,
-        f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}",
+        lambda: f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}",
     )
-    _need(q.device == k.device == v.device, "attention: q, k, v on different devices")
+    _need(q.device == k.device == v.device, lambda: "attention: q, k, v on different devices")
     if rope_theta is not None:
-        _need(D % 2 == 0, f"attention: rope_theta needs an even head dim, got D={D}")
+        _need(D % 2 == 0, lambda: f"attention: rope_theta needs an even head dim, got D={D}")
     if kv_lens is not None:
         _need(
             kv_lens.shape == (B,) and not kv_lens.is_floating_point(),
-            f"attention: kv_lens must be an integer tensor of shape ({B},); got "
-            f"{tuple(kv_lens.shape)} {kv_lens.dtype}",
+            lambda: (
+                f"attention: kv_lens must be an integer tensor of shape ({B},); got "
+                f"{tuple(kv_lens.shape)} {kv_lens.dtype}"
+            ),
         )
     fn = dispatch.get("attention", q.device)
     return fn(q, k, v, causal=causal, kv_lens=kv_lens, rope_theta=rope_theta, scale=scale)
@@ -88,27 +99,34 @@ def moe_ffn(x: Tensor, w13: Tensor, w2: Tensor, topk_ids: Tensor, topk_weights: 
     """
     _need(
         x.dim() == 2 and w13.dim() == 3 and w2.dim() == 3,
-        f"moe_ffn: need x (T, d), w13 (E, d, 2f), w2 (E, f, d); got {tuple(x.shape)}, "
-        f"{tuple(w13.shape)}, {tuple(w2.shape)}",
+        lambda: (
+            f"moe_ffn: need x (T, d), w13 (E, d, 2f), w2 (E, f, d); got {tuple(x.shape)}, "
+            f"{tuple(w13.shape)}, {tuple(w2.shape)}"
+        ),
     )
     T, d = x.shape
     E, d13, f2 = w13.shape
     _need(
         d13 == d and f2 % 2 == 0 and w2.shape == (E, f2 // 2, d),
-        f"moe_ffn: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
-        f"(want (E, {d}, 2f)), w2 {tuple(w2.shape)} (want ({E}, {f2 // 2}, {d}))",
+        lambda: (
+            f"moe_ffn: shapes disagree: x {tuple(x.shape)}, w13 {tuple(w13.shape)} "
+            f"(want (E, {d}, 2f)), w2 {tuple(w2.shape)} (want ({E}, {f2 // 2}, {d}))"
+        ),
     )
     _need(
         topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_weights.shape == topk_ids.shape,
-        f"moe_ffn: topk_ids and topk_weights must both be (T={T}, k); got "
-        f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}",
+        lambda: (
+            f"moe_ffn: topk_ids and topk_weights must both be (T={T}, k); got "
+            f"{tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}"
+        ),
     )
     _need(
-        not topk_ids.is_floating_point(), f"moe_ffn: topk_ids must be integer, got {topk_ids.dtype}"
+        not topk_ids.is_floating_point(),
+        lambda: f"moe_ffn: topk_ids must be integer, got {topk_ids.dtype}",
     )
     _need(
         x.dtype == w13.dtype == w2.dtype,
-        f"moe_ffn: x, w13, w2 dtypes differ: {x.dtype}, {w13.dtype}, {w2.dtype}",
+        lambda: f"moe_ffn: x, w13, w2 dtypes differ: {x.dtype}, {w13.dtype}, {w2.dtype}",
     )
     fn = dispatch.get("moe", x.device)
     return fn(x, w13, w2, topk_ids, topk_weights)
@@ -127,13 +145,20 @@ def siglip_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tenso
     """
     _need(
         img.dim() == 2 and img.shape == txt.shape,
-        f"siglip_loss: img and txt must both be (B, d); got {tuple(img.shape)}, {tuple(txt.shape)}",
+        lambda: (
+            f"siglip_loss: img and txt must both be (B, d); got {tuple(img.shape)}, "
+            f"{tuple(txt.shape)}"
+        ),
     )
-    _need(img.dtype == txt.dtype, f"siglip_loss: img {img.dtype} and txt {txt.dtype} differ")
+    _need(
+        img.dtype == txt.dtype, lambda: f"siglip_loss: img {img.dtype} and txt {txt.dtype} differ"
+    )
     _need(
         logit_scale.dim() == 0 and logit_bias.dim() == 0,
-        f"siglip_loss: logit_scale and logit_bias must be 0-d; got "
-        f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}",
+        lambda: (
+            f"siglip_loss: logit_scale and logit_bias must be 0-d; got "
+            f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}"
+        ),
     )
     fn = dispatch.get("siglip", img.device)
     return fn(img, txt, logit_scale, logit_bias)
@@ -159,17 +184,21 @@ def linear_cross_entropy(
     """
     _need(
         h.dim() == 2 and weight.dim() == 2 and h.shape[1] == weight.shape[1],
-        f"linear_cross_entropy: need h (N, d) and weight (V, d); got {tuple(h.shape)}, "
-        f"{tuple(weight.shape)}",
+        lambda: (
+            f"linear_cross_entropy: need h (N, d) and weight (V, d); got {tuple(h.shape)}, "
+            f"{tuple(weight.shape)}"
+        ),
     )
     _need(
         targets.shape == (h.shape[0],) and not targets.is_floating_point(),
-        f"linear_cross_entropy: targets must be integer ({h.shape[0]},); got "
-        f"{tuple(targets.shape)} {targets.dtype}",
+        lambda: (
+            f"linear_cross_entropy: targets must be integer ({h.shape[0]},); got "
+            f"{tuple(targets.shape)} {targets.dtype}"
+        ),
     )
     _need(
         0.0 <= label_smoothing < 1.0,
-        f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}",
+        lambda: f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}",
     )
     fn = dispatch.get("lce", h.device)
     return fn(h, weight, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -202,22 +231,26 @@ def siglip_loss_distributed(
         0-d fp32: sum over this rank's images i and ALL ranks' texts j of
         -log sigmoid(z_ij * (t img_i . txt_j + b)), divided as ``mean_over`` says.
     """
-    _need(mean_over in ("global", "local"), f"mean_over {mean_over!r}: use global or local")
+    _need(mean_over in ("global", "local"), lambda: f"mean_over {mean_over!r}: use global or local")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return siglip_loss(img, txt, logit_scale, logit_bias)
     _need(
         img.dim() == 2 and img.shape == txt.shape and img.shape[0] >= 1,
-        f"siglip_loss_distributed: img and txt must both be (B_r >= 1, d); got "
-        f"{tuple(img.shape)}, {tuple(txt.shape)}",
+        lambda: (
+            f"siglip_loss_distributed: img and txt must both be (B_r >= 1, d); got "
+            f"{tuple(img.shape)}, {tuple(txt.shape)}"
+        ),
     )
     _need(
         img.dtype == txt.dtype,
-        f"siglip_loss_distributed: img {img.dtype} and txt {txt.dtype} differ",
+        lambda: f"siglip_loss_distributed: img {img.dtype} and txt {txt.dtype} differ",
     )
     _need(
         logit_scale.dim() == 0 and logit_bias.dim() == 0,
-        f"siglip_loss_distributed: logit_scale and logit_bias must be 0-d; got "
-        f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}",
+        lambda: (
+            f"siglip_loss_distributed: logit_scale and logit_bias must be 0-d; got "
+            f"{tuple(logit_scale.shape)}, {tuple(logit_bias.shape)}"
+        ),
     )
     return siglip_dist.siglip_loss_distributed(img, txt, logit_scale, logit_bias, group, mean_over)
 
