@@ -154,8 +154,8 @@ def load_extension() -> None:
         if not with_cuda:  # why the CUDA kernel is left out, for cuda_unavailable
             _ext_state["no_cuda"] = (
                 "no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset): install the CUDA "
-                "toolkit matching torch's CUDA or set CUDA_HOME, then delete the build in "
-                f"{_build_dir(False)}"
+                f"{torch.version.cuda} toolkit or set CUDA_HOME, and the next process builds "
+                "the CUDA kernel (into its own folder)"
                 if torch.cuda.is_available()
                 else "torch saw no GPU when it was built"
             )
