@@ -283,7 +283,7 @@ def test_the_server_never_answers_5xx_and_its_memory_is_bounded(server, test_see
 
 @pytest.mark.skipif(shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None,
                     reason="schemathesis is not installed (pip install -e .[dev])")  # fmt: skip
-def test_schemathesis_finds_no_server_error(server):
+def test_schemathesis_finds_no_server_error(server, tmp_path):
     _, url = server
     exe = Path(sys.executable).parent / "schemathesis"
     n = max(10, N // 6)
@@ -303,6 +303,7 @@ def test_schemathesis_finds_no_server_error(server):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # its .schemathesis/ cache goes there, not into the checkout
     )
     tail = "\n".join(r.stdout.splitlines()[-25:])
     print(tail)
