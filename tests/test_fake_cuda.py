@@ -21,7 +21,7 @@ way and why):
   teacher-forced pass, the policy-gradient loss) and its backward.
 * ``test_load_and_caption``: ``fastcap.load(..., device="cuda")`` picks the policy's dtype,
   ``.caption`` greedy and beam, and the server's batch call (``_prepare`` and
-  ``caption_prepared``).
+  ``caption_prepared``), greedy and seeded sampling (per-image streams drawn on the device).
 * ``test_planted_fault``: faults planted into the code (a CPU tensor in the decoder's mask,
   fp32 pixels into a bf16 trunk, an RMSNorm that returns fp32, a KV cache on the CPU, a
   collective's tensor on the CPU, the MoE's output in fp32, a custom op's gradient on the
@@ -366,10 +366,12 @@ def test_load_and_caption(gpu, tmp_path):
         one = cap.caption(pics[0])
         many = cap.caption(pics, strategy="beam", num_beams=2)
         # the server's batch call: uploads read by _prepare, one caption_prepared per batch
-        with g.host():  # the server decodes uploads on the CPU, before the batch
-            items = _prepare(cap, blobs, False, Limits(), threading.Semaphore(1))
-        served = cap.caption_prepared(items, DecodeOptions(strategy="greedy"))
-    assert isinstance(one.text, str) and len(many) == 3 and len(served) == 2
+        served = []
+        for opts in (DecodeOptions(strategy="greedy"), DecodeOptions(strategy="sample", seed=3)):
+            with g.host():  # the server decodes uploads on the CPU, before the batch
+                items = _prepare(cap, blobs, False, Limits(), threading.Semaphore(1), opts)
+            served += cap.caption_prepared(items, opts)
+    assert isinstance(one.text, str) and len(many) == 3 and len(served) == 4
     # CPU tensors only where the host prepares images or reads results back
     host = ("fastcap/api.py", "fastcap/data/images.py", "fastcap/generate.py:length_penalty")
     assert all(site(w).startswith(host) for w in g.cpu_made), dict(g.cpu_made)
