@@ -191,7 +191,15 @@ def quick_scores(results: dict[int, str], cs: CaptionSet) -> dict[str, float]:
     gts = {k: [simple_tokenize(c) for c in refs[k]] for k in results}
     res = {k: [simple_tokenize(results[k])] for k in results}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"CIDEr-D": cider_d(results, refs)[0], "BLEU-4": float(bleu[3])}
+    cider, each = cider_d(results, refs)
+    return {"CIDEr-D": cider, "BLEU-4": float(bleu[3]), "CIDEr-D_se": standard_error(each.values())}
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of per-image scores: the noise of a val metric that model
+    selection allows for (:mod:`fastcap.train.selection`)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    return float(x.std() / x.numel() ** 0.5) if x.numel() > 1 else 0.0
 
 
 def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) -> dict:
@@ -200,6 +208,11 @@ def periodic_eval(model, val: CaptionSet, tokenizer, *, device, step: int, cfg) 
     res, _ = decode_split(model, val, tokenizer, device=device, limit=cfg.eval_samples)
     metrics = score(res, val, full=False)
     metrics.update(quick_scores(res, val))
+    if "semantic_acc" in metrics:  # right (1) or wrong (0) per image
+        recs = {r.id: r.meta for r in val.records}
+        metrics["semantic_acc_se"] = standard_error(
+            float(caption_correct(res[i], recs[i])) for i in res
+        )
     line = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"\n[step {step}] val ({len(res)} images): {line}")
     print_samples(res, val, cfg.num_samples // 2)

@@ -309,7 +309,8 @@ class Trainer:
                 m, self.val, self.tok, device=self.device, step=self.step, cfg=self.cfg
             )
             if self.best.offer(self.step, metrics, state):
-                print(f"  best {self.best.metric} so far: kept in {self.best.dir}")
+                b = self.best
+                print(f"  kept in {b.dir}: {b.metric} {b.value:.4f} (highest so far {b.top:.4f})")
             self.tracker.log_eval(self.step, {f"val/{k}": v for k, v in metrics.items()})
         del m, state
         torch.distributed.barrier()

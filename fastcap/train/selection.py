@@ -6,9 +6,14 @@ read it) plus ``best.json`` (step, metric, value, the validation scores). It is 
 whole: written to ``best.tmp/``, then renamed, so a crash leaves the previous best intact.
 On resume the kept value is read back, so selection continues where it was.
 
-The rule: the weights with the highest value, and of equal values the later step (they have
-trained longer; with 500 val images an accuracy moves in steps of 0.002, so ties are common).
-NaN never wins.
+The rule: the later weights, unless an earlier evaluation beat them by more than the noise.
+An evaluation replaces ``best/`` when its value is at least the highest value seen so far minus
+its own standard error over the val images (``{metric}_se`` in the scores, from the per-image
+scores: 1/0 per image for semantic_acc, each image's CIDEr-D; 0 where the metric has no
+per-image form, BLEU-4, so there the highest value wins and a tie goes to the later step).
+Later weights have trained longer, and a difference inside the noise means nothing: with 500
+val images an accuracy moves in steps of 0.002 and its standard error near 0.99 is about
+0.004. NaN never wins.
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ def resolve_metric(name: str, val) -> str:
 
 
 class BestKeeper:
-    """Keeps ``out/best`` for the highest ``metric`` seen, the later of equal ones (``none``:
-    keeps nothing)."""
+    """Keeps ``out/best`` for ``metric`` by the rule above (``none``: keeps nothing).
+
+    ``value`` is the kept weights' score, ``top`` the highest score seen (they differ when later
+    weights within the noise replaced better-scoring ones)."""
 
     def __init__(self, out: Path, metric: str, model_config: dict, tokenizer_path: Path):
         self.dir, self.metric = out / BEST, metric
         self.model_config, self.tokenizer_path = model_config, tokenizer_path
         self.step: int | None = None
-        self.value = -math.inf
+        self.value = self.top = -math.inf
         old = self.dir.with_name(BEST + ".old")
         if old.is_dir() and not self.dir.exists():  # stopped between the two renames
             os.replace(old, self.dir)
@@ -59,14 +66,15 @@ class BestKeeper:
             kept = json.loads(meta.read_text())
             if kept.get("metric") == metric:
                 self.step, self.value = int(kept["step"]), float(kept["value"])
+                self.top = float(kept.get("top", self.value))
 
     @property
     def active(self) -> bool:
         return self.metric != "none"
 
     def offer(self, step: int, metrics: dict, state: dict[str, torch.Tensor]) -> bool:
-        """Keep ``state`` if its ``metrics[metric]`` beats or ties the best so far (a tie goes
-        to the later step); True if kept."""
+        """Keep ``state`` unless the highest ``metric`` so far beats ``metrics[metric]`` by
+        more than ``metrics[metric + "_se"]``; True if kept."""
         if not self.active:
             return False
         if self.metric not in metrics:
@@ -75,12 +83,14 @@ class BestKeeper:
                 f"({', '.join(sorted(metrics))}); set select_metric to one of them or none"
             )
         value = float(metrics[self.metric])
-        if not value >= self.value:  # a tie keeps the later weights; NaN never wins
+        noise = float(metrics.get(f"{self.metric}_se", 0.0))
+        if not value >= self.top - noise:  # within the noise the later weights win; NaN never
             return False
         tmp = self.dir.with_name(BEST + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_bundle(state, self.model_config, self.tokenizer_path, tmp)
-        meta = {"step": step, "metric": self.metric, "value": value, "val": metrics}
+        top = max(self.top, value)
+        meta = {"step": step, "metric": self.metric, "value": value, "top": top, "val": metrics}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         old = self.dir.with_name(BEST + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -88,5 +98,5 @@ class BestKeeper:
             os.replace(self.dir, old)
         os.replace(tmp, self.dir)
         shutil.rmtree(old, ignore_errors=True)
-        self.step, self.value = step, value
+        self.step, self.value, self.top = step, value, top
         return True
