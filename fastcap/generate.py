@@ -225,10 +225,6 @@ def _check_every(device: torch.device) -> int:
     return FINISH_CHECK_EVERY.get(device.type, DEFAULT_FINISH_CHECK_EVERY)
 
 
-def _model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def _start(model, images: Tensor | None, image_tokens: Tensor | None, repeat: int):
     """Encode images once (unless their tokens are given) -> (image kv, B, device); the kv
     repeated ``repeat`` times per image (samples of one image, which finish one by one)."""
