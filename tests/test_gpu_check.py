@@ -487,3 +487,15 @@ def test_compare_catches_a_wrong_kernel(fault):
     match = {"scaled": "FAIL: loss", "nan": "nonfinite", "grad": "FAIL: dimg"}[fault]
     with pytest.raises(AssertionError, match=match):
         stage_correct.compare(wrong, siglip_loss, _make_siglip, torch.float32, SIGLIP_OUTS)
+
+
+@pytest.mark.parametrize("gpu,want", [("t4", "fp16"), ("a100", "bf16"), ("h100", "bf16")])
+def test_train_stage_trains_in_the_policy_precision(gpu, want):
+    """The train stage passes the capability policy's precision and checks the model line for
+    it: it used to pass bf16 on any GPU, a T4 included (emulated bf16, no Triton bf16 on sm_75)."""
+    from fastcap.common import capability
+
+    with capability.simulate(gpu):
+        got = stage_train.train_precision(torch.device("cuda"))
+    assert got == want
+    assert stage_train.TOL[got]
