@@ -90,11 +90,13 @@ def read_model(path):
     return state, model_cfg, p / "tokenizer.json", train_cfg
 
 
-def load_run(path, device=None, dtype: str | torch.dtype = "fp32"):
+def load_run(path, device=None, dtype: str | torch.dtype | None = "fp32"):
     """-> (Captioner in eval mode on ``device``, CaptionTokenizer, TrainConfig or None).
 
     ``path``: a run folder or a bundle; the TrainConfig is None for a bundle. ``device``
-    defaults to the GPU when there is one. ``dtype``: fp32, fp16 or bf16 (or a torch dtype).
+    defaults to the GPU when there is one. ``dtype``: fp32, fp16 or bf16 (or a torch dtype);
+    None: the capability policy's (:func:`fastcap.api.default_dtype`: bf16 from sm_80, fp16 on
+    a T4 or V100, fp32 on a CPU).
     Raises :class:`RunError` (one line, naming the fix) when the folder is neither a complete
     run nor a complete bundle.
     """
@@ -102,6 +104,11 @@ def load_run(path, device=None, dtype: str | torch.dtype = "fp32"):
     from fastcap.model import Captioner
     from fastcap.train.config import from_dict
 
+    device = default_device() if device is None else torch.device(device)
+    if dtype is None:  # the capability policy's, as fastcap.load and fastcap-serve
+        from fastcap.api import default_dtype
+
+        dtype = default_dtype(device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise RunError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -127,7 +134,6 @@ def load_run(path, device=None, dtype: str | torch.dtype = "fp32"):
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
         raise RunError(f"{p}: the weights do not fit the model config ({msg})") from None
-    device = default_device() if device is None else torch.device(device)
     return model.to(device=device, dtype=dtype).eval(), tokenizer, train_cfg
 
 

@@ -344,6 +344,8 @@ def write_run(out, model) -> None:
 def test_load_and_caption(gpu, tmp_path):
     import fastcap
     from fastcap.api import DecodeOptions
+    from fastcap.cli.caption import parser as caption_parser
+    from fastcap.runs import load_run
     from fastcap.data.tokenizer import CaptionTokenizer
     from fastcap.serve.app import Limits, _prepare
 
@@ -359,6 +361,11 @@ def test_load_and_caption(gpu, tmp_path):
     blobs = [("a.png", png.getvalue()), ("images[1]", png.getvalue())]
     with FakeGPU(gpu, int_read=MAX_LEN - 1) as g:
         cap = fastcap.load(tmp_path / "run", device="cuda")
+        # fastcap-caption and fastcap-eval: --dtype left out is the policy's too
+        args = caption_parser().parse_args([str(tmp_path / "run"), "x.jpg"])
+        cli_model, _, _ = load_run(args.run_dir, "cuda", args.dtype)
+        assert next(cli_model.parameters()).dtype == policy_dtype(g)
+        del cli_model
         g.cpu_made.clear()  # the model is built on the CPU, then moved: as load_run does
         assert cap.device == g.device and cap.dtype == policy_dtype(g)
         assert all(p.device == g.device for p in cap.model.parameters())

@@ -44,7 +44,12 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0 disables")
     g.add_argument("--batch-size", type=int, default=64, help="images per decoding batch")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="default: bf16 from compute capability 8.0, fp16 on a T4 / V100, fp32 on a CPU",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:
