@@ -345,8 +345,8 @@ def test_load_and_caption(gpu, tmp_path):
     import fastcap
     from fastcap.api import DecodeOptions
     from fastcap.cli.caption import parser as caption_parser
-    from fastcap.runs import load_run
     from fastcap.data.tokenizer import CaptionTokenizer
+    from fastcap.runs import load_run
     from fastcap.serve.app import Limits, _prepare
 
     caps = ["a red circle", "a blue square left of a green triangle", "two small shapes"] * 4

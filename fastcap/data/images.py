@@ -9,6 +9,8 @@ One bounded decoder serves every reader (:class:`~fastcap.data.captionset.Captio
   height of its first frame) is :class:`ImageTooLarge` before any decoding, in microseconds;
 - only the first frame of an animated or multi-page image (GIF, APNG, WebP, TIFF) is decoded,
   so a decode allocates one frame: at most :data:`DECODE_BYTES_PER_PIXEL` bytes a pixel;
+- the frame is turned upright as its EXIF orientation tag says (:func:`orient`, after the
+  decoder's own frame is freed), so every reader and the server see a photo as browsers do;
 - :func:`fit` crops the centre square *before* resizing it to the model's size, so the resize
   reads at most min(H, W)^2 pixels and writes size^2, whatever the aspect ratio (a 8000 x 4
   strip costs a 4 x 4 crop, not a 900 MB resize of 224 x 448,000);
@@ -117,21 +119,61 @@ def _check(w: int, h: int, max_pixels: int) -> None:
 
 
 def decode_rgb(data: bytes, *, max_pixels: int = READ_MAX_PIXELS) -> Tensor:
-    """Encoded image bytes -> its first frame as uint8 (3, H, W) (a 16-bit image scaled).
+    """Encoded image bytes -> its first frame as uint8 (3, H, W) (a 16-bit image scaled),
+    upright: turned as its EXIF orientation tag says (a phone's portrait photo is stored
+    sideways with tag 6 or 8), as PIL's ``ImageOps.exif_transpose`` and browsers show it.
 
     The size is checked from the header first (:class:`ImageTooLarge`); anything unreadable is
-    :class:`NotAnImage`. Never decodes more than one frame.
+    :class:`NotAnImage`. Never decodes more than one frame. The turn runs after the decoder's
+    own frame is freed, so it adds one uint8 copy (3 bytes a pixel) to a decode's peak.
     """
+    img, orientation = _decode_first_frame(data, max_pixels)
+    return orient(img, orientation)
+
+
+def orient(img: Tensor, orientation: int) -> Tensor:
+    """(..., H, W) stored with EXIF orientation ``orientation`` (1-8) -> upright (a copy unless
+    1 or unknown): 2 mirror, 3 half turn, 4 flip, 5 transpose, 6 quarter turn clockwise,
+    7 transverse, 8 quarter turn counter-clockwise (PIL's ``exif_transpose`` table)."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1).contiguous()
+    if orientation == 6:
+        return img.rot90(-1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return img.rot90(1, dims=(-2, -1))
+    return img
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (0x0112) of an opened image, 1 if absent or unreadable."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block does not make the pixels unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _decode_first_frame(data: bytes, max_pixels: int) -> tuple[Tensor, int]:
+    """-> (the first frame as stored, uint8 (3, H, W); its EXIF orientation)."""
     im = _open(data, max_pixels)
     try:
         fmt, (w, h) = im.format, im.size
         _check(w, h, max_pixels)
+        turn = _orientation(im)
         if fmt in _TORCHVISION:
             try:
                 img = decode_image(
                     torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
                 )
-                return _to_uint8(img[0] if img.ndim == 4 else img)
+                return _to_uint8(img[0] if img.ndim == 4 else img), turn
             except RuntimeError:
                 pass  # PIL may still read it (a JPEG libjpeg-turbo refuses, ...)
         try:
@@ -146,7 +188,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = READ_MAX_PIXELS) -> Tensor:
             raise NotAnImage(f"{fmt} image decodes to {rgb.shape[1]}x{rgb.shape[0]}, not {w}x{h}")
         with warnings.catch_warnings():  # read-only: fit() copies what it keeps
             warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(rgb).permute(2, 0, 1)
+            return torch.from_numpy(rgb).permute(2, 0, 1), turn
     finally:
         im.close()
 
