@@ -110,6 +110,26 @@ def test_sample_is_reproducible_from_the_command_line(run_dir, photos, capsys):
     assert outs[0] == outs[1]
 
 
+def test_a_seeded_caption_is_the_same_in_any_batch_and_through_the_api(run_dir, photos, capsys):
+    """Each image samples from its own stream (its index on the command line), as
+    fastcap.load(...).caption(seed=) and the server do. main seeded one generator per batch, so
+    --batch-size 1 and 3 gave different captions (and the second batch replayed the first's
+    draws)."""
+    import fastcap
+
+    good = [photos[k] for k in ("rgb", "gray", "palette")]
+    args = [str(run_dir), *map(str, good), "--strategy", "sample", "--seed", "7", "--json"]
+    args += ["--temperature", "1.5", "--top-p", "0.9", "--top-k", "0"]
+    outs = []
+    for bs in ("1", "3"):
+        assert caption_cli.main([*args, "--batch-size", bs]) == 0
+        outs.append([r["captions"][0]["caption"] for r in json.loads(capsys.readouterr().out)])
+    assert outs[0] == outs[1]
+    cap = fastcap.load(run_dir, device="cpu", dtype=torch.float32)
+    api = cap.caption(good, strategy="sample", seed=7, temperature=1.5, top_p=0.9, top_k=0)
+    assert outs[0] == [c.text for c in api]
+
+
 def test_folders_and_globs(run_dir, photos, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()

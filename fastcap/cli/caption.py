@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fastcap.data.images import read_image
-    from fastcap.generate import decode_texts, generate
+    from fastcap.generate import decode_texts, derive_seeds, generate
     from fastcap.runs import RunError, load_run
 
     try:
@@ -176,12 +176,18 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
     device = next(model.parameters()).device
     R = kw.get("num_return_sequences", 1)
+    # sampling: each image its own stream (its index in the command line), as fastcap.load's
+    # caption(..., seed=) and the server draw: the captions do not depend on --batch-size
+    seeds = derive_seeds(kw.pop("seed"), len(good)) if args.strategy == "sample" else None
     records = []
     names: dict[str, int] = {}  # PNG stems written so far (two cat.jpg -> cat.png, cat_2.png)
     for s in range(0, len(good), args.batch_size):
         chunk = good[s : s + args.batch_size]
         images = torch.stack([u8 for _, u8 in chunk]).to(device)  # uint8: model normalises
-        gen = generate(model, images, strategy=args.strategy, **kw)
+        rows = {}
+        if seeds is not None:
+            rows["row_seeds"] = torch.tensor(seeds[s : s + len(chunk)], device=device)
+        gen = generate(model, images, strategy=args.strategy, **kw, **rows)
         texts = decode_texts(tokenizer, gen)
         for b, (path, _) in enumerate(chunk):
             caps = [
