@@ -14,7 +14,6 @@ so batch_size // num_beams images), chosen from the device unless given.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -37,10 +36,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """The capability policy's precision (:func:`fastcap.common.capability.precision_for`):
     bf16 from compute capability 8.0, fp16 on sm_70 / sm_75 (T4), fp32 below and on the CPU
     (the weights are stored in fp32). Logged once with the reason on ``fastcap.api``."""
-    precision, why = capability.explain_precision(device)
-    msg = f"fastcap.load: {precision} (auto): {why}"
-    capability.log_once(logging.getLogger("fastcap.api"), msg)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return capability.inference_dtype(device)
 
 
 def default_batch_size(device: torch.device) -> int:

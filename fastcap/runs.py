@@ -95,8 +95,8 @@ def load_run(path, device=None, dtype: str | torch.dtype | None = "fp32"):
 
     ``path``: a run folder or a bundle; the TrainConfig is None for a bundle. ``device``
     defaults to the GPU when there is one. ``dtype``: fp32, fp16 or bf16 (or a torch dtype);
-    None: the capability policy's (:func:`fastcap.api.default_dtype`: bf16 from sm_80, fp16 on
-    a T4 or V100, fp32 on a CPU).
+    None: the capability policy's (:func:`fastcap.common.capability.inference_dtype`: bf16
+    from sm_80, fp16 on a T4 or V100, fp32 on a CPU).
     Raises :class:`RunError` (one line, naming the fix) when the folder is neither a complete
     run nor a complete bundle.
     """
@@ -106,9 +106,9 @@ def load_run(path, device=None, dtype: str | torch.dtype | None = "fp32"):
 
     device = default_device() if device is None else torch.device(device)
     if dtype is None:  # the capability policy's, as fastcap.load and fastcap-serve
-        from fastcap.api import default_dtype
+        from fastcap.common.capability import inference_dtype
 
-        dtype = default_dtype(device)
+        dtype = inference_dtype(device, "fastcap-caption/fastcap-eval")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise RunError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")

@@ -191,6 +191,14 @@ def precision_for(device: torch.device | str) -> str:
     return explain_precision(device)[0]
 
 
+def inference_dtype(device: torch.device | str, who: str = "fastcap.load") -> torch.dtype:
+    """The torch dtype of :func:`precision_for` for inference on ``device``, logged once with
+    the reason on ``fastcap.api`` (``who`` names the caller: fastcap.load, fastcap-caption)."""
+    precision, why = explain_precision(device)
+    log_once(logging.getLogger("fastcap.api"), f"{who}: {precision} (auto): {why}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def triton_unavailable(device: torch.device | str, op: str | None = None) -> str | None:
     """None if the Triton kernels of ``op`` (any op: None) can run on ``device``'s GPU, else
     why not (a one-line reason). A non-CUDA device returns None: that case is the dispatch's
